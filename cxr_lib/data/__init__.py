@@ -1,0 +1,41 @@
+"""Data layer: one dataset interface, readers for real layouts, phantoms and the cache."""
+
+from cxr_lib.data.core import (
+    FINDINGS,
+    SPLITS,
+    DataError,
+    XrayDataset,
+    check_patient_disjoint,
+    merge,
+    read_image,
+)
+
+__all__ = [
+    "FINDINGS",
+    "SPLITS",
+    "DataError",
+    "XrayDataset",
+    "check_patient_disjoint",
+    "merge",
+    "open_source",
+    "read_image",
+]
+
+
+def open_source(source: str, root=None, *, val_fraction: float = 0.1, seed: int = 0,
+                count: int = 1000, size: int = 128) -> XrayDataset:
+    """Open a data source by name: 'chestxray14' or 'folder' (read from `root`), or 'phantom'
+    (`count` synthetic images of `size` pixels; `root` unused)."""
+    if source == "chestxray14":
+        from cxr_lib.data.nih import read_chestxray14
+
+        return read_chestxray14(root, val_fraction=val_fraction, seed=seed)
+    if source == "folder":
+        from cxr_lib.data.folder import read_class_folders
+
+        return read_class_folders(root, val_fraction=val_fraction, seed=seed)
+    if source == "phantom":
+        from cxr_lib.data.phantoms import phantom_dataset
+
+        return phantom_dataset(count, size=size, seed=seed)
+    raise DataError(f"unknown source {source!r}: expected chestxray14, folder or phantom")
