@@ -80,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as err:  # a clear one-line message on the command line, not a traceback
+        from cxr_lib.book import BookError
         from cxr_lib.data import DataError
 
-        if isinstance(err, (DataError, FileNotFoundError)):
+        if isinstance(err, (DataError, BookError, FileNotFoundError)):
             sys.exit(f"cxr: error: {err}")
         raise
 

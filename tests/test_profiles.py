@@ -1,0 +1,163 @@
+"""Profiles: loading by name or path, merging, ${VARIABLE} expansion, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cxr_lib.profiles import ProfileError, available_profiles, load_profile, repo_root
+
+SHARED_KEYS = {"seed", "device", "data_root", "pediatric_root", "image_size"}
+CHAPTER1_KEYS = {"n_phantoms", "phantom_size", "cache_size", "gallery_per_finding"}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A throwaway project with two (empty) chapter notebooks and a profiles folder."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "profiles").mkdir()
+    for stem in ("01_alpha", "02_beta"):
+        nbformat.write(nbformat.v4.new_notebook(), tmp_path / "notebooks" / f"{stem}.ipynb")
+    return tmp_path
+
+
+def write_profile(repo: Path, name: str, text: str) -> Path:
+    path = repo / "profiles" / f"{name}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_chapter_section_wins_over_shared_and_runner_adds_profile_and_work_dir(repo, tmp_path):
+    write_profile(repo, "p", "shared: {seed: 3, size: 64, data_root: null}\n"
+                             "chapters:\n  01_alpha: {size: 32, only_here: true}\n")
+    profile = load_profile("p", repo=repo)
+    first = profile.parameters("01_alpha", tmp_path / "build" / "p")
+    second = profile.parameters("02_beta", "relative/work")
+    assert first == {"seed": 3, "size": 32, "only_here": True, "data_root": None,
+                     "profile": "p", "work_dir": str((tmp_path / "build" / "p").resolve())}
+    assert second["size"] == 64 and "only_here" not in second
+    assert Path(second["work_dir"]).is_absolute()
+
+
+def test_a_profile_loads_by_name_or_by_path(repo):
+    path = write_profile(repo, "mine", "shared: {seed: 1}\n")
+    by_name, by_path = load_profile("mine", repo=repo), load_profile(path, repo=repo)
+    assert by_name == by_path
+    assert by_name.name == "mine" and by_name.path == path and by_name.chapters == {}
+    assert load_profile(str(path), repo=repo).shared == {"seed": 1}
+
+
+def test_unknown_profile_name_lists_the_known_ones(repo):
+    write_profile(repo, "known", "shared: {}\n")
+    with pytest.raises(ProfileError, match=r"no profile named 'nope'.*known: known"):
+        load_profile("nope", repo=repo)
+
+
+def test_unknown_top_level_key_is_an_error_naming_the_file(repo):
+    path = write_profile(repo, "bad", "shared: {}\nchapter: {}\n")
+    with pytest.raises(ProfileError, match=r"bad\.yaml: unknown top-level key\(s\) chapter"):
+        load_profile(path, repo=repo)
+
+
+def test_section_for_a_missing_notebook_is_an_error_naming_file_and_chapter(repo):
+    write_profile(repo, "typo", "chapters:\n  01_alhpa: {n: 1}\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile("typo", repo=repo)
+    message = str(err.value)
+    assert "typo.yaml" in message and "chapters.01_alhpa" in message
+    assert "01_alpha, 02_beta" in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("shared: [1, 2]\n", r"shared must be a mapping"),
+    ("chapters:\n  01_alpha: 5\n", r"chapters\.01_alpha must be a mapping"),
+    ("shared: {not-a-name: 1}\n", r"'not-a-name' is not a valid Python identifier"),
+    ("shared: {work_dir: /tmp}\n", r"shared\.work_dir: 'work_dir' is set by the runner"),
+    ("shared: {seed: [1\n", r"not valid YAML"),
+    ("- just a list\n", r"the top level must be a mapping"),
+    ("shared: {data_root: 5}\n", r"shared\.data_root must be a path or null"),
+])
+def test_malformed_profiles_are_errors_naming_the_file(repo, text, expected):
+    write_profile(repo, "broken", text)
+    with pytest.raises(ProfileError, match=r"broken\.yaml: .*" + expected):
+        load_profile("broken", repo=repo)
+
+
+def test_environment_variables_are_expanded_recursively(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_TEST_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("CXR_TEST_WORD", "hello")
+    write_profile(repo, "env", "shared:\n  data_root: ${CXR_TEST_DATA}/nih\n"
+                               "  words: ['${CXR_TEST_WORD}', {deep: 'x${CXR_TEST_WORD}'}]\n"
+                               "chapters:\n  01_alpha: {note: '${CXR_TEST_WORD} world'}\n")
+    profile = load_profile("env", repo=repo)
+    assert profile.shared["data_root"] == str((tmp_path / "data" / "nih").resolve())
+    assert profile.shared["words"] == ["hello", {"deep": "xhello"}]
+    assert profile.chapters["01_alpha"]["note"] == "hello world"
+
+
+def test_unset_variable_says_what_to_set_or_pass(repo, monkeypatch):
+    monkeypatch.delenv("CXR_TEST_UNSET", raising=False)
+    write_profile(repo, "env", "shared: {data_root: '${CXR_TEST_UNSET}/nih'}\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile("env", repo=repo)
+    message = str(err.value)
+    assert "env.yaml: shared.data_root" in message
+    assert "set CXR_TEST_UNSET or pass --data-root" in message
+
+
+def test_override_wins_and_makes_the_variable_unneeded(repo, tmp_path, monkeypatch):
+    monkeypatch.delenv("CXR_TEST_UNSET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_profile(repo, "env", "shared:\n  data_root: ${CXR_TEST_UNSET}/nih\n  pediatric_root:\n")
+    overrides = {"data_root": "mine", "pediatric_root": None}
+    profile = load_profile("env", repo=repo, overrides=overrides)
+    assert profile.shared["data_root"] == str((tmp_path / "mine").resolve())
+    assert profile.shared["pediatric_root"] is None
+
+
+def test_relative_root_in_a_profile_is_relative_to_the_profile_file(repo):
+    write_profile(repo, "rel", "shared: {data_root: ../data, pediatric_root: ~/kids}\n")
+    profile = load_profile("rel", repo=repo)
+    assert profile.shared["data_root"] == str((repo / "data").resolve())
+    assert profile.shared["pediatric_root"] == str((Path.home() / "kids").resolve())
+
+
+# The shipped profiles.
+
+def test_repo_root_is_the_checkout_with_the_shipped_profiles():
+    root = repo_root()
+    assert (root / "pyproject.toml").is_file()
+    assert available_profiles() == ["cpu", "gpu-sample", "paper", "smoke"]
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu-sample", "paper"])
+def test_shipped_profiles_load_with_the_shared_and_chapter_one_keys(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
+    monkeypatch.setenv("CXR_NIH_ROOT", str(tmp_path / "nih"))
+    profile = load_profile(name)
+    assert SHARED_KEYS <= set(profile.shared)
+    assert set(profile.chapters["01_data_curation"]) == CHAPTER1_KEYS
+    params = profile.parameters("01_data_curation", tmp_path / "work")
+    assert params["profile"] == name and params["device"] == "auto"
+
+
+def test_gpu_sample_points_at_the_samples_and_explains_a_missing_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
+    shared = load_profile("gpu-sample").shared
+    assert shared["data_root"] == str(tmp_path / "nih-cxr14-sample")
+    assert shared["pediatric_root"] == str(tmp_path / "pediatric-pneumonia-sample")
+    monkeypatch.delenv("CXR_SAMPLE_DATA")
+    with pytest.raises(ProfileError, match=r"set CXR_SAMPLE_DATA or pass --data-root"):
+        load_profile("gpu-sample")
+
+
+def test_shipped_profiles_grow_from_smoke_to_paper(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
+    monkeypatch.setenv("CXR_NIH_ROOT", str(tmp_path))
+    profiles = [load_profile(name) for name in ("smoke", "cpu", "gpu-sample", "paper")]
+    sizes = [p.shared["image_size"] for p in profiles]
+    caches = [p.chapters["01_data_curation"]["cache_size"] for p in profiles]
+    assert sizes == sorted(sizes) and caches == sorted(caches)
+    assert profiles[0].shared["data_root"] is None and profiles[1].shared["data_root"] is None
