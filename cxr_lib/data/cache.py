@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they render in the static book without widget JavaScript
 
 from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint
 
