@@ -1,0 +1,136 @@
+"""`fit` under torchrun: two CPU processes (gloo) train one model with DistributedDataParallel.
+
+The ranks start from different weights (DDP must broadcast rank 0's), read different shards,
+and must end with identical weights; the validation AUC is gathered from both shards. Run by
+torchrun, this file is the training process (`__main__` below).
+"""
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from cxr_lib import runs
+from cxr_lib.train import TrainConfig, ValidAUC, fit, masked_bce_loss, mean_auc
+
+WORLD, PER_RANK = 2, 4
+CONFIG = TrainConfig(epochs=2, batch_size=WORLD * PER_RANK, base_lr=2.0, warmup_epochs=0.5,
+                     checkpoint_every=3)
+
+
+class ShardedBatches:
+    """The loader interface `fit` expects under DDP: len, set_epoch, shard(rank, world_size).
+
+    The order depends only on (seed, epoch); rank r of w takes every w-th batch of it.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool) -> None:
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.epoch, self.rank, self.world = 0, 0, 1
+
+    def shard(self, rank: int, world_size: int) -> "ShardedBatches":
+        out = copy.copy(self)
+        out.rank, out.world = rank, world_size
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1000 + self.epoch)
+        n = len(self.x)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            start = (i * self.world + self.rank) * self.batch_size
+            idx = order[start:start + self.batch_size]
+            yield self.x[idx], self.y[idx]  # [b, 1, 6, 6] uint8, [b, 3]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (48, 1, 6, 6), generator=g, dtype=torch.uint8)
+    y = (x.float().mean((1, 2, 3))[:, None] > torch.tensor([120.0, 128.0, 136.0])).float()
+    return (x[:32], y[:32]), (x[32:], y[32:])
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(16, 3))
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255
+
+
+def _worker(out: Path) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(rank)  # different weights on each rank: DDP must make them rank 0's
+    model = _model()
+    init = copy.deepcopy(model.state_dict())
+    (xt, yt), (xv, yv) = _data()
+    train, valid = ShardedBatches(xt, yt, PER_RANK, True), ShardedBatches(xv, yv, PER_RANK, False)
+    res = fit(model, train, valid, CONFIG, out / "runs", "ddp", loss_func=masked_bce_loss,
+              batch_tfm=_to_float, valid_tfm=_to_float, cbs=[ValidAUC()], progress=False)
+    torch.save({"init": init, "final": model.state_dict(), "history": res.history.to_dict("list"),
+                "metrics": res.metrics, "path": str(res.path)}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_end_with_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), __file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+
+    assert not all(torch.equal(r0["init"][k], r1["init"][k]) for k in r0["init"])
+    for name, weights in r0["final"].items():
+        assert torch.equal(weights, r1["final"][name]), name
+        assert not torch.equal(weights, r0["init"][name]), name  # it trained
+    timing = ("images_per_s", "elapsed_s")  # each rank's own clock
+    for col in r0["history"].keys() - set(timing):
+        assert r0["history"][col] == r1["history"][col], col
+    assert r0["history"]["step"] == [4, 8]  # 32 images / (2 ranks x 4) = 4 steps an epoch
+    assert r0["metrics"]["world_size"] == WORLD
+
+    run = Path(r0["path"])
+    assert runs.is_finished(run) and len(runs.read_history(run)) == 2
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert len(ckpt["rng"]) == WORLD  # each rank's RNG, for an exact resume
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+
+    # The AUC in the history covers both validation shards: recompute it on the whole set.
+    model = _model()
+    model.load_state_dict(r0["final"])
+    model.eval()
+    _, (xv, yv) = _data()
+    with torch.no_grad():
+        scores = model(_to_float(xv)).numpy()
+    auc, _ = mean_auc(scores, yv.numpy())
+    assert auc == pytest.approx(r0["history"]["valid_auc"][-1], abs=1e-6)
+    assert r0["history"]["valid_loss"][-1] == pytest.approx(
+        masked_bce_loss(torch.from_numpy(scores), yv).item(), rel=1e-5)
+    assert np.isfinite(r0["history"]["train_loss"]).all()
+
+
+if __name__ == "__main__":  # one rank, started by torchrun
+    _worker(Path(sys.argv[1]))
