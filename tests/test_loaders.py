@@ -150,3 +150,18 @@ def test_fastai_learner_fits_and_predicts(cache):
     assert preds.shape == (6, 3)
     np.testing.assert_array_equal(targs.numpy(), cache.labels[cache.split_indices("val")])
     assert train.epoch == 1  # fit's single pass advanced the order
+
+
+def test_shards_split_every_batch_between_the_ranks(cache):
+    whole = CacheBatches(cache, None, 4, shuffle=True, seed=3, drop_last=True)
+    shards = [whole.shard(rank, 2) for rank in range(2)]
+    assert [len(s) for s in shards] == [len(whole)] * 2
+    for epoch in range(2):
+        parts = [s.batch_indices(epoch) for s in shards]
+        for full, first, second in zip(whole.batch_indices(epoch), *parts, strict=True):
+            assert len(first) == len(second) == 2
+            assert sorted([*first, *second]) == sorted(full)
+    with pytest.raises(ValueError, match="divide evenly"):
+        whole.shard(0, 3)
+    with pytest.raises(ValueError, match="fewer than the 2 ranks"):
+        CacheBatches(cache, np.arange(9), 4).shard(1, 2)  # last batch: 1 row for 2 ranks

@@ -77,6 +77,7 @@ class CacheBatches:
             batch_size, shuffle, seed, drop_last)
         self.device = torch.device(device)
         self.epoch = 0
+        self.rank, self.world = 0, 1  # see shard()
         self._resident = _upload(cache, self.indices, self.device) if resident else None
 
     def __len__(self) -> int:
@@ -93,7 +94,7 @@ class CacheBatches:
         n, b = len(self.indices), self.batch_size
         order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                  else np.arange(n))
-        return [np.sort(order[i:i + b]) for i in range(0, len(self) * b, b)]
+        return [np.sort(order[i:i + b])[self.rank::self.world] for i in range(0, len(self) * b, b)]
 
     def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
         """Cache rows of each batch of a pass (default: the next one)."""
@@ -126,6 +127,25 @@ class CacheBatches:
         if self._resident is not None:
             self._resident = tuple(t.to(self.device) for t in self._resident)
         return self
+
+    def shard(self, rank: int, world: int) -> CacheBatches:
+        """This rank's share of every batch under DistributedDataParallel.
+
+        `batch_size` stays the global batch: each rank draws the same permutation and takes
+        every `world`-th row of each global batch, so all ranks yield the same number of
+        batches of batch_size / world rows (a short last batch may split unevenly), and
+        together exactly the unsharded batches.
+        """
+        if not 0 <= rank < world or self.batch_size % world:
+            raise ValueError(f"cannot shard a batch of {self.batch_size} as rank {rank} of "
+                             f"{world}: the batch must divide evenly over the ranks")
+        last = 0 if self.drop_last else len(self.indices) % self.batch_size
+        if 0 < last < world:  # a rank would get an empty batch
+            raise ValueError(f"the last batch holds {last} rows, fewer than the {world} ranks: "
+                             "use drop_last=True or another batch size")
+        out = copy.copy(self)
+        out.rank, out.world = rank, world
+        return out
 
     def new(self, **changes) -> CacheBatches:
         """A copy with other batch_size/shuffle/seed/drop_last, sharing any resident copy."""
