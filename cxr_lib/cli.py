@@ -36,6 +36,36 @@ def _book_build(args: argparse.Namespace) -> None:
     print(build_book(args.profile, published=args.published))
 
 
+def _pretrain_mae(args: argparse.Namespace) -> None:
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.pretrain import MaeRecipe, pretrain_mae, save_encoder
+    from cxr_lib.profiles import load_profile
+    from cxr_lib.study import resolve_device
+    from cxr_lib.train import TrainConfig
+
+    profile = load_profile(args.profile)
+    resolve_device(profile.shared.get("device", "auto"))
+    defaults = profile.chapters.get("02_mae_pretraining", {})
+
+    def value(name: str):
+        given = getattr(args, name)
+        return given if given is not None else defaults[name]
+
+    recipe = MaeRecipe(model=value("model"), img_size=value("image_size"),
+                       patch_size=value("patch_size"), mask_ratio=args.mask_ratio,
+                       crop_scale=tuple(args.crop_scale), decoder_dim=value("decoder_dim"),
+                       decoder_depth=value("decoder_depth"), decoder_heads=value("decoder_heads"))
+    config = TrainConfig(epochs=value("epochs"), batch_size=value("batch_size"),
+                         base_lr=value("base_lr"), warmup_epochs=value("warmup_epochs"),
+                         seed=profile.shared.get("seed", 0))
+    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    pretrained = pretrain_mae(open_cache(args.data), recipe, config, runs_dir, force=args.force)
+    state = "loaded the finished run" if pretrained.run.loaded_from_cache else "trained"
+    print(f"{state} {pretrained.run.path}")
+    if args.save:
+        print(f"encoder saved to {save_encoder(pretrained, args.save)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True)
@@ -72,6 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--published", action="store_true",
                        help="render the published edition in book/ instead")
     build.set_defaults(func=_book_build)
+
+    pretrain = groups.add_parser("pretrain", help="self-supervised pre-training")
+    pretrain_cmds = pretrain.add_subparsers(dest="command", required=True)
+    mae = pretrain_cmds.add_parser(
+        "mae", help="masked-autoencoder pre-training (chapter 2); unset options come from the "
+        "profile's 02_mae_pretraining section")
+    mae.add_argument("--profile", default="cpu", help="profile name or YAML path")
+    mae.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
+    mae.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
+    mae.add_argument("--model", help="vit_tiny_patch16, vit_small_patch16 or vit_base_patch16")
+    mae.add_argument("--image-size", type=int)
+    mae.add_argument("--patch-size", type=int)
+    mae.add_argument("--decoder-dim", type=int)
+    mae.add_argument("--decoder-depth", type=int)
+    mae.add_argument("--decoder-heads", type=int)
+    mae.add_argument("--mask-ratio", type=float, default=0.9)
+    mae.add_argument("--crop-scale", type=float, nargs=2, default=[0.5, 1.0],
+                     metavar=("LOW", "HIGH"))
+    mae.add_argument("--epochs", type=int)
+    mae.add_argument("--warmup-epochs", type=float)
+    mae.add_argument("--batch-size", type=int, help="global batch (all GPUs together)")
+    mae.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
+    mae.add_argument("--save", type=Path, help="also write the encoder here (timm ViT keys)")
+    mae.add_argument("--force", action="store_true", help="train again even if finished")
+    mae.set_defaults(func=_pretrain_mae)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""MAE pre-training on a preprocessing cache, and the probe that judges an encoder.
+
+Chapter 2 and `cxr pretrain mae` both call `pretrain_mae`; the run goes through the one engine
+(`cxr_lib.train.fit`), so the same recipe twice loads the finished run instead of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.torch_core import default_device
+
+from cxr_lib import runs
+from cxr_lib.augment import MaeAugment, pixel_stats
+from cxr_lib.data.cache import Cache
+from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.models.mae import MaskedAutoencoder, build_mae, encoder_state_dict
+from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
+from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
+
+
+@dataclass(frozen=True)
+class MaeRecipe:
+    """The model and augmentation of one MAE pre-training run (the optimiser is a TrainConfig).
+
+    Defaults are the X-ray recipe of Xiao et al.: mask 90% of the patches and crop between
+    50% and 100% of the image; the natural-image MAE uses 75% and 20-100%.
+    """
+
+    model: str = "vit_small_patch16"
+    img_size: int = 224
+    patch_size: int | None = None  # None: the model's own (16)
+    mask_ratio: float = 0.9
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    norm_pix_loss: bool = False
+    # None: the preset's decoder (512 wide; 2 blocks for ViT-T/S, 8 for ViT-B). A narrower one
+    # keeps small CPU runs affordable: the decoder sees every patch, the encoder only 10%.
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+
+    def build(self) -> MaskedAutoencoder:
+        return build_mae(self.model, img_size=self.img_size, patch_size=self.patch_size,
+                         mask_ratio=self.mask_ratio, norm_pix_loss=self.norm_pix_loss,
+                         decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+                         decoder_heads=self.decoder_heads)
+
+
+@dataclass
+class PretrainedMae:
+    """A pre-trained (or loaded) MAE with its run and the augmentation it was trained with."""
+
+    mae: MaskedAutoencoder
+    run: RunResult
+    augment: MaeAugment
+    recipe: MaeRecipe
+
+
+def cache_identity(cache: Cache) -> dict:
+    """What names a cache's content in a run hash: its data set, size and rows per split."""
+    splits = cache.index["split"].value_counts().sort_index()
+    return {"name": cache.name, "size": cache.size, "images": len(cache),
+            "splits": {str(k): int(v) for k, v in splits.items()}}
+
+
+def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",
+                stats_images: int = 1000) -> MaeAugment:
+    """Crop/flip of the recipe, normalised with pixel statistics of the training images."""
+    rows = cache.split_indices(split)[:stats_images]
+    mean, std = pixel_stats(cache.images[rows])
+    return MaeAugment(recipe.img_size, scale=recipe.crop_scale, mean=round(mean, 4),
+                      std=round(std, 4))
+
+
+def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root: str | Path,
+                 *, split: str = "train", resident: bool = False, force: bool = False,
+                 progress: bool = True) -> PretrainedMae:
+    """Pre-train an MAE on the `split` images of `cache` (or load the finished run)."""
+    augment = mae_augment(cache, recipe, split)
+    extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
+             "normalise": [augment.mean, augment.std], **config.extra}
+    config = dataclasses.replace(config, extra=extra)
+    torch.manual_seed(config.seed)  # the initial weights are part of the run
+    mae = recipe.build()
+    batches = CacheBatches(cache, split, config.batch_size, shuffle=True, seed=config.seed,
+                           drop_last=len(cache.split_indices(split)) >= config.batch_size,
+                           device=default_device(), resident=resident)
+    result = fit(mae, batches, None, config, run_root, "mae", loss_func=model_loss,
+                 batch_tfm=augment, force=force, progress=progress)
+    return PretrainedMae(mae, result, augment, recipe)
+
+
+def probe_encoder(mae: MaskedAutoencoder, cache: Cache, augment: MaeAugment, *,
+                  train_split: str = "train", eval_split: str = "val", max_images: int = 20_000,
+                  batch_size: int = 128) -> ProbeResult:
+    """Linear probe: frozen encoder features -> logistic regression per finding -> mean AUC.
+
+    `max_images` caps each split (the first rows), so the probe stays quick on full data.
+    """
+    feats, labels = [], []
+    for split in (train_split, eval_split):
+        rows = cache.split_indices(split)[:max_images]
+        images = np.asarray(cache.images[rows])[:, None]  # [N, 1, S, S] uint8
+        feats.append(extract_features(mae_features(mae), images, batch_size, augment.plain,
+                                      device=default_device()))
+        labels.append(cache.labels[rows])
+    return linear_probe(feats[0], labels[0], feats[1], labels[1], cache.findings)
+
+
+def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
+    """Write the encoder (timm ViT keys) with its recipe, for fine-tuning (chapter 4)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_save({"model": encoder_state_dict(pretrained.mae),
+                      "recipe": dataclasses.asdict(pretrained.recipe),
+                      "normalise": [pretrained.augment.mean, pretrained.augment.std],
+                      "run": pretrained.run.path.name}, path)
+    return path

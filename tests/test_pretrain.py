@@ -1,0 +1,83 @@
+"""MAE pre-training on a cache through the engine: runs, reuse, the probe and the saved encoder."""
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+
+from cxr_lib.cli import main
+from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.pretrain import (
+    MaeRecipe,
+    cache_identity,
+    mae_augment,
+    pretrain_mae,
+    probe_encoder,
+    save_encoder,
+)
+from cxr_lib.study import chapter_cache
+from cxr_lib.train import TrainConfig
+
+RECIPE = MaeRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, decoder_dim=32,
+                   decoder_depth=1, decoder_heads=2)
+CONFIG = TrainConfig(epochs=2, batch_size=16, base_lr=1e-3, warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    return chapter_cache(work, phantom_dataset(60, size=32, seed=2), 32)
+
+
+def test_pretraining_trains_then_loads_the_finished_run(cache, tmp_path):
+    torch.set_num_threads(1)
+    first = pretrain_mae(cache, RECIPE, CONFIG, tmp_path, progress=False)
+    assert not first.run.loaded_from_cache
+    assert len(first.run.history) == 2 and first.run.history["train_loss"].notna().all()
+    again = pretrain_mae(cache, RECIPE, CONFIG, tmp_path, progress=False)
+    assert again.run.loaded_from_cache and again.run.path == first.run.path
+    for a, b in zip(first.mae.state_dict().values(), again.mae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other = pretrain_mae(cache, dataclasses.replace(RECIPE, mask_ratio=0.75), CONFIG, tmp_path,
+                         progress=False)
+    assert other.run.path != first.run.path  # the recipe is part of the run's identity
+    assert first.augment.scale == RECIPE.crop_scale and 0 < first.augment.mean < 1
+
+
+def test_probe_scores_every_finding_with_both_classes(cache):
+    torch.manual_seed(0)
+    mae = RECIPE.build()
+    result = probe_encoder(mae, cache, mae_augment(cache, RECIPE))
+    assert 0.0 <= result.mean_auc <= 1.0
+    assert result.n_train == len(cache.split_indices("train"))
+    assert result.n_val == len(cache.split_indices("val"))
+    assert set(result.per_finding) | set(result.skipped) == set(cache.findings)
+
+
+def test_saved_encoder_loads_into_timm_with_only_the_head_missing(cache, tmp_path):
+    pre = pretrain_mae(cache, RECIPE, CONFIG, tmp_path / "runs", progress=False)
+    path = save_encoder(pre, tmp_path / "encoders" / "mae.pt")
+    saved = torch.load(path, weights_only=True)
+    assert saved["recipe"]["mask_ratio"] == RECIPE.mask_ratio and saved["run"] == pre.run.path.name
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=1,
+                            num_classes=14)
+    missing, unexpected = vit.load_state_dict(saved["model"], strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
+
+
+def test_cache_identity_counts_the_splits(cache):
+    ident = cache_identity(cache)
+    assert ident["images"] == len(cache) == sum(ident["splits"].values())
+    assert ident["name"] == "phantom" and ident["size"] == 32
+
+
+def test_command_line_pretrains_with_profile_defaults_and_saves(cache, tmp_path, capsys):
+    args = ["pretrain", "mae", "--profile", "smoke", "--data", str(cache.path), "--runs",
+            str(tmp_path), "--image-size", "32", "--epochs", "1", "--save",
+            str(tmp_path / "enc.pt")]
+    main(args)
+    out = capsys.readouterr().out
+    assert "trained" in out and (tmp_path / "enc.pt").is_file()
+    main(args)
+    assert "loaded the finished run" in capsys.readouterr().out

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_lib.study import chapter_cache, chapter_dataset, resolve_device
+
+SAMPLE = Path(os.environ.get("CXR_SAMPLE_DATA", Path(__file__).resolve().parents[2] / "shared"
+                             / "data"))
+
+
+def test_resolve_device_names_the_device_and_refuses_a_missing_gpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_chapters_draw_phantoms_without_a_data_root_and_share_one_cache(tmp_path):
+    dataset = chapter_dataset(None, n_phantoms=24, phantom_size=32, seed=1)
+    assert dataset.name == "phantom" and len(dataset) == 24
+    first = chapter_cache(tmp_path, dataset, 32)
+    again = chapter_cache(tmp_path, chapter_dataset(None, n_phantoms=24, phantom_size=32, seed=1),
+                          32)
+    assert first.path == again.path == tmp_path / "cache" / "phantom-32"
+    assert (first.images[:] == again.images[:]).all()
+
+
+def test_chapters_read_the_real_sample_when_a_data_root_is_given():
+    root = SAMPLE / "nih-cxr14-sample"
+    if not root.is_dir():
+        pytest.skip(f"the NIH sample is not at {root} (set CXR_SAMPLE_DATA)")
+    dataset = chapter_dataset(root, n_phantoms=10, phantom_size=32)
+    assert dataset.name == "chestxray14" and len(dataset) == 621
