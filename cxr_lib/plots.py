@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -42,3 +43,26 @@ def image_grid(
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def mae_pictures(mae: torch.nn.Module, x: torch.Tensor, mean: float, std: float,
+                 mask_ratio: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pictures of masked autoencoding on normalised images x [B, 1, H, W]: the input, the
+    input with its masked patches darkened, and the reconstruction with the visible patches
+    pasted back; each uint8 [B, H, W]. The same seed draws the same mask."""
+    mae.eval()
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        _, _, mask = mae(x, mask_ratio)  # [B, L], 1 = masked
+        torch.manual_seed(seed)
+        _, _, pasted = mae.reconstruct(x, mask_ratio)  # [B, 1, H, W]
+        per_pixel = mask[..., None].expand(-1, -1, mae.patchify(x).shape[-1])  # [B, L, p*p]
+        hidden = mae.unpatchify(per_pixel)[:, 0].bool()  # [B, H, W]
+
+    def to_u8(t: torch.Tensor) -> np.ndarray:
+        return (t[:, 0] * std + mean).clamp(0, 1).mul(255).round().byte().cpu().numpy()
+
+    original = to_u8(x)
+    masked = original.copy()
+    masked[hidden.cpu().numpy()] //= 5  # darkened, so the hidden part still shows as a shape
+    return original, masked, to_u8(pasted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import nbformat
@@ -9,8 +10,16 @@ import pytest
 
 from cxr_lib.profiles import ProfileError, available_profiles, load_profile, repo_root
 
-SHARED_KEYS = {"seed", "device", "data_root", "pediatric_root", "image_size"}
-CHAPTER1_KEYS = {"n_phantoms", "phantom_size", "cache_size", "gallery_per_finding"}
+SHARED_KEYS = {"seed", "device", "data_root", "pediatric_root", "n_phantoms", "phantom_size",
+               "cache_size"}
+
+
+def notebook_parameters(stem: str) -> set[str]:
+    """The names assigned in a chapter's `parameters` cell."""
+    nb = nbformat.read(repo_root() / "notebooks" / f"{stem}.ipynb", as_version=4)
+    [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    tree = ast.parse(cell.source)
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
 
 
 @pytest.fixture
@@ -133,12 +142,15 @@ def test_repo_root_is_the_checkout_with_the_shipped_profiles():
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "gpu-sample", "paper"])
-def test_shipped_profiles_load_with_the_shared_and_chapter_one_keys(name, tmp_path, monkeypatch):
+def test_shipped_profiles_pass_only_parameters_the_chapters_declare(name, tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
     monkeypatch.setenv("CXR_NIH_ROOT", str(tmp_path / "nih"))
     profile = load_profile(name)
     assert SHARED_KEYS <= set(profile.shared)
-    assert set(profile.chapters["01_data_curation"]) == CHAPTER1_KEYS
+    assert {"01_data_curation", "02_mae_pretraining"} <= set(profile.chapters)
+    for stem in profile.chapters:
+        passed = set(profile.parameters(stem, tmp_path / "work"))
+        assert passed <= notebook_parameters(stem), (stem, passed - notebook_parameters(stem))
     params = profile.parameters("01_data_curation", tmp_path / "work")
     assert params["profile"] == name and params["device"] == "auto"
 
@@ -157,7 +169,7 @@ def test_shipped_profiles_grow_from_smoke_to_paper(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
     monkeypatch.setenv("CXR_NIH_ROOT", str(tmp_path))
     profiles = [load_profile(name) for name in ("smoke", "cpu", "gpu-sample", "paper")]
-    sizes = [p.shared["image_size"] for p in profiles]
-    caches = [p.chapters["01_data_curation"]["cache_size"] for p in profiles]
+    sizes = [p.chapters["02_mae_pretraining"]["image_size"] for p in profiles]
+    caches = [p.shared["cache_size"] for p in profiles]
     assert sizes == sorted(sizes) and caches == sorted(caches)
     assert profiles[0].shared["data_root"] is None and profiles[1].shared["data_root"] is None
