@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from cxr_lib.profiles import ProfileError, available_profiles, load_profile, repo_root
@@ -173,3 +174,12 @@ def test_shipped_profiles_grow_from_smoke_to_paper(tmp_path, monkeypatch):
     caches = [p.shared["cache_size"] for p in profiles]
     assert sizes == sorted(sizes) and caches == sorted(caches)
     assert profiles[0].shared["data_root"] is None and profiles[1].shared["data_root"] is None
+
+
+NOTEBOOKS = sorted((repo_root() / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("stem", [p.stem for p in NOTEBOOKS])
+def test_papermill_parses_every_parameter_a_chapter_declares(stem):
+    seen = set(papermill.inspect_notebook(str(repo_root() / "notebooks" / f"{stem}.ipynb")))
+    assert seen == notebook_parameters(stem)

@@ -1,0 +1,66 @@
+"""The `cxr data` commands on the real samples, and their one-line errors."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_lib.cli import main
+from cxr_lib.data.cache import open_cache
+from cxr_lib.data.nih import read_chestxray14
+
+SAMPLE = Path(os.environ.get("CXR_SAMPLE_DATA", Path(__file__).resolve().parents[2] / "shared"
+                             / "data"))
+
+
+def sample(name: str) -> Path:
+    root = SAMPLE / name
+    if not root.is_dir():
+        pytest.skip(f"the real sample {root} is absent (set CXR_SAMPLE_DATA)")
+    return root
+
+
+def test_prepare_the_nih_sample_finds_every_image_in_its_official_split(tmp_path, capsys):
+    root = sample("nih-cxr14-sample")
+    out = tmp_path / "nih-32"
+    main(["data", "prepare", "--source", "chestxray14", "--root", str(root), "--size", "32",
+          "--out", str(out), "--workers", "2"])
+    assert "621 images" in capsys.readouterr().out
+    cache = open_cache(out)
+    splits = cache.index["split"].value_counts()
+    assert len(cache) == 621 and splits["test"] == 75 and splits["train"] + splits["val"] == 546
+    assert cache.index.groupby("patient")["split"].nunique().max() == 1
+    expected = read_chestxray14(root)  # the labels test_nih checks against torchxrayvision
+    order = expected.meta.set_index("id").index.get_indexer(cache.index["id"])
+    np.testing.assert_array_equal(cache.labels, expected.labels[order])
+    main(["data", "check", str(out)])
+    assert "621 images" in capsys.readouterr().out
+
+
+def test_full_resolution_images_take_the_same_path(tmp_path):
+    root = sample("nih-cxr14-fullres")
+    out = tmp_path / "fullres"
+    main(["data", "prepare", "--source", "chestxray14", "--root", str(root), "--size", "64",
+          "--out", str(out), "--workers", "2"])
+    cache = open_cache(out)
+    assert len(cache) == 16 and cache.images.shape == (16, 64, 64)
+    assert set(cache.index["orig_width"]) == {1024}
+    rgba = cache.index["id"].isin(["00000100_000.png", "00001369_000.png", "00002578_000.png",
+                                   "00004934_000.png", "00005224_000.png", "00005813_000.png"])
+    assert rgba.sum() == 2  # the two RGBA files of the full-resolution sample
+    assert all(cache.images[i].std() > 10 for i in np.flatnonzero(rgba))  # real content
+
+
+def test_phantoms_need_no_root(tmp_path, capsys):
+    main(["data", "prepare", "--source", "phantom", "--count", "12", "--size", "32", "--out",
+          str(tmp_path / "ph"), "--workers", "1"])
+    assert len(open_cache(tmp_path / "ph")) == 12
+
+
+def test_bad_input_ends_with_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"^cxr: error: .*label file"):
+        main(["data", "prepare", "--source", "chestxray14", "--root", str(tmp_path), "--out",
+              str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"^cxr: error: "):
+        main(["data", "check", str(tmp_path)])
