@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_browser import check_book_in_browser
 
 from cxr_lib.book import build_book, run_book
 from cxr_lib.profiles import repo_root
@@ -41,10 +42,19 @@ def test_chapter_executes_under_smoke_without_errors(executed, chapter):
     assert quoted <= glued, f"prose quotes values no cell glued: {quoted - glued}"
 
 
-def test_book_renders_every_executed_chapter(executed):
-    index = build_book("smoke", repo=executed)
-    html = index.parent
-    assert index.is_file()
+@pytest.fixture(scope="module")
+def book(executed) -> Path:
+    """index.html of the book rendered from the smoke run, built once for the tests below."""
+    return build_book("smoke", repo=executed)
+
+
+def test_book_renders_every_executed_chapter(book):
+    html = book.parent
+    assert book.is_file()
     for chapter in CHAPTERS:
         page = (html / "book" / "chapters" / f"{chapter}.html").read_text()
         assert "<img" in page and "Traceback" not in page
+
+
+def test_book_loads_cleanly_in_a_browser(book):
+    check_book_in_browser(book, CHAPTERS)
