@@ -1,0 +1,281 @@
+"""MoCo v2 pre-training on a preprocessing cache, and the k-nearest-neighbour monitor.
+
+Chapter 3 and `cxr pretrain moco` both call `pretrain_moco`; the run goes through the one engine
+(`cxr_lib.train.fit`) with two callbacks: `MomentumQueue` (the key encoder's moving average and
+the queue of negatives, after every step) and `KnnMonitor` (a `knn_auc` column in the history).
+The same recipe twice loads the finished run instead of training it.
+
+The kNN monitor judges a backbone without training anything on top of it: each validation image
+is scored, per finding, by the labels of its k most similar training images (cosine similarity of
+the pooled backbone features), and the scores give a mean ROC AUC. It is cheap enough to run
+during pre-training, and it moves only if the features group images with the same findings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.torch_core import default_device, get_model
+from torch import nn
+
+from cxr_lib import runs
+from cxr_lib.augment import pixel_stats
+from cxr_lib.augment_views import MocoAugment
+from cxr_lib.data.cache import Cache
+from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.models.moco import MoCo, build_moco, gather_keys
+from cxr_lib.pretrain import cache_identity
+from cxr_lib.probe import extract_features
+from cxr_lib.train import EpochMetric, RunResult, TrainConfig, fit, mean_auc, model_loss
+
+
+@dataclass(frozen=True)
+class MocoRecipe:
+    """The model and augmentation of one MoCo v2 run (the optimiser is a TrainConfig, see
+    `moco_config`). Defaults are MoCo v2's: a 65,536-key queue, key momentum 0.999,
+    temperature 0.2, a 2048-wide MLP head to 128 dimensions, crops of 20-100% of the image, and
+    batch norm over sub-batches of 32 when the batch is MoCo's 256 (8 GPUs x 32)."""
+
+    model: str = "densenet121"
+    img_size: int = 224
+    dim: int = 128
+    hidden_dim: int = 2048
+    queue_size: int = 65536
+    momentum: float = 0.999
+    temperature: float = 0.2
+    bn_splits: int = 8
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    jitter_p: float = 0.8
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at 224 px, scaled with img_size
+    blur_p: float = 0.5
+
+    def build(self) -> MoCo:
+        return build_moco(self.model, dim=self.dim, hidden_dim=self.hidden_dim,
+                          queue_size=self.queue_size, momentum=self.momentum,
+                          temperature=self.temperature, bn_splits=self.bn_splits)
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """The kNN monitor: k neighbours from `train_split` for each image of `eval_split`, at most
+    `max_images` of each (the first rows), every `every` epochs and after the last one."""
+
+    k: int = 20
+    every: int = 1
+    max_images: int = 20_000
+    batch_size: int = 128
+    train_split: str = "train"
+    eval_split: str = "val"
+
+
+@dataclass
+class PretrainedMoco:
+    """A pre-trained (or loaded) MoCo with its run, augmentation and kNN AUC before training
+    (the random initialisation of the same seed); `knn_end` is the history's last value."""
+
+    moco: MoCo
+    run: RunResult
+    augment: MocoAugment
+    recipe: MocoRecipe
+    knn_start: float
+
+    @property
+    def knn_end(self) -> float:
+        return float(self.run.history["knn_auc"].iloc[-1])
+
+
+def moco_config(epochs: int, batch_size: int, *, base_lr: float = 0.03,
+                warmup_epochs: float = 0.0, seed: int = 0, **changes) -> TrainConfig:
+    """MoCo v2's optimisation: SGD with momentum 0.9, weight decay 1e-4, lr = base_lr x
+    batch / 256 (0.03 at 256), cosine decay. `changes` override any other TrainConfig field."""
+    # floats as floats: a profile's `0` and the default 0.0 must name the same run
+    return TrainConfig(epochs=epochs, batch_size=batch_size, base_lr=float(base_lr),
+                       warmup_epochs=float(warmup_epochs), seed=seed, optimizer="sgd",
+                       momentum=0.9,
+                       weight_decay=1e-4, schedule="cosine", **changes)
+
+
+def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train",
+                 stats_images: int = 1000) -> MocoAugment:
+    """The recipe's two-view augmentation, normalised with the training images' statistics."""
+    rows = cache.split_indices(split)[:stats_images]
+    mean, std = pixel_stats(cache.images[rows])
+    return MocoAugment(recipe.img_size, scale=recipe.crop_scale, brightness=recipe.brightness,
+                       contrast=recipe.contrast, jitter_p=recipe.jitter_p,
+                       blur_sigma=recipe.blur_sigma, blur_p=recipe.blur_p,
+                       mean=round(mean, 4), std=round(std, 4))
+
+
+# ----------------------------------------------------------------------------- kNN monitor
+
+def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, query_feats: np.ndarray,
+               k: int, chunk: int = 1024) -> np.ndarray:
+    """Per-finding scores [M, F] of each query from its k most similar training images.
+
+    Similarity is the cosine of the features; a finding's score is the similarity-weighted
+    share of positives among the neighbours whose label for it is known (NaN labels are left
+    out), with similarities below 0 counted as 0. A query with no usable neighbour scores 0.
+    """
+    device = default_device()
+    bank = F.normalize(torch.as_tensor(train_feats, dtype=torch.float32, device=device), dim=1)
+    labels = torch.as_tensor(train_labels, dtype=torch.float32, device=device)  # [N, F]
+    known, positive = ~torch.isnan(labels), torch.nan_to_num(labels)  # [N, F]
+    k = min(k, len(bank))
+    out = []
+    for start in range(0, len(query_feats), chunk):
+        q = torch.as_tensor(query_feats[start:start + chunk], dtype=torch.float32, device=device)
+        sims = F.normalize(q, dim=1) @ bank.T  # [m, N]
+        top, idx = sims.topk(k, dim=1)  # [m, k]
+        weight = top.clamp(min=0)[..., None]  # [m, k, 1]
+        votes = (weight * positive[idx]).sum(dim=1)  # [m, F]
+        total = (weight * known[idx]).sum(dim=1)  # [m, F]
+        out.append((votes / total.clamp(min=1e-12)).cpu())
+    return torch.cat(out).numpy()  # [M, F]
+
+
+def knn_auc(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray,
+            val_labels: np.ndarray, k: int) -> float:
+    """Mean ROC AUC over findings (those with both classes in validation) of `knn_scores`."""
+    scores = knn_scores(train_feats, train_labels, val_feats, k)
+    return mean_auc(scores, np.asarray(val_labels, dtype=np.float64))[0]
+
+
+def backbone_features(encoder: nn.Module, cache: Cache, transform, split: str,
+                      max_images: int = 20_000, batch_size: int = 128
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features [N, D] and labels [N, F] of the first `max_images` images of a split,
+    through the evaluation view `transform` (e.g. `MocoAugment.plain`), encoder in eval mode."""
+    rows = cache.split_indices(split)[:max_images]
+    images = np.asarray(cache.images[rows])[:, None]  # [N, 1, S, S] uint8
+    feats = extract_features(encoder, images, batch_size, transform, device=default_device())
+    return feats, cache.labels[rows]
+
+
+def knn_evaluate(encoder: nn.Module, cache: Cache, transform, settings: KnnSettings) -> float:
+    """The kNN monitor's mean AUC for `encoder` (see `knn_scores`)."""
+    train = backbone_features(encoder, cache, transform, settings.train_split,
+                              settings.max_images, settings.batch_size)
+    val = backbone_features(encoder, cache, transform, settings.eval_split,
+                            settings.max_images, settings.batch_size)
+    return knn_auc(*train, *val, settings.k)
+
+
+class KnnMonitor(EpochMetric):
+    """The kNN AUC of the query backbone as the history column `knn_auc`, every `every`
+    epochs and after the last (NaN in between). Epochs a resumed run skips are not scored."""
+
+    order, run_valid, metric_name = 70, False, "knn_auc"  # before the recorder (80)
+
+    def __init__(self, cache: Cache, transform, settings: KnnSettings) -> None:
+        self.cache, self.transform, self.settings = cache, transform, settings
+
+    def before_fit(self) -> None:
+        self.trained = False  # a skipped epoch is cancelled in before_epoch: never set here
+
+    def before_train(self) -> None:
+        self.trained = True
+
+    def after_epoch(self) -> None:
+        epoch, last = self.learn.epoch + 1, self.learn.epoch == self.learn.n_epoch - 1
+        self.value = math.nan
+        if self.trained and (last or epoch % self.settings.every == 0):
+            encoder = get_model(self.learn.model).encoder_q
+            self.value = knn_evaluate(encoder, self.cache, self.transform, self.settings)
+        self.trained = False
+
+
+class MomentumQueue(Callback):
+    """MoCo's two updates outside the gradient: after each optimizer step the key encoder
+    moves towards the query encoder, after each training batch its keys (from every rank)
+    enter the queue. Both happen before the recorder (order 80) may checkpoint the step."""
+
+    order, run_valid = 60, False
+
+    def after_step(self) -> None:
+        get_model(self.learn.model).momentum_update()
+
+    def after_batch(self) -> None:
+        _, _, keys = self.learn.pred  # [B, D] this rank's keys
+        get_model(self.learn.model).enqueue(gather_keys(keys.detach()))
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+def pretrain_moco(cache: Cache, recipe: MocoRecipe, config: TrainConfig, run_root: str | Path,
+                  *, split: str = "train", knn: KnnSettings | None = None,
+                  resident: bool = False, force: bool = False,
+                  progress: bool = True) -> PretrainedMoco:
+    """Pre-train MoCo v2 on the `split` images of `cache` (or load the finished run).
+
+    The kNN settings are part of the run's identity, as its history records their AUCs.
+    SGD decays every trainable weight, biases and norms included, as MoCo's code does.
+    """
+    knn = knn or KnnSettings()
+    augment = moco_augment(cache, recipe, split)
+    extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
+             "normalise": [augment.mean, augment.std], "knn": dataclasses.asdict(knn),
+             **config.extra}
+    config = dataclasses.replace(config, extra=extra)
+    torch.manual_seed(config.seed)  # the initial weights are part of the run
+    moco = recipe.build().to(default_device())
+    knn_start = knn_evaluate(moco.encoder_q, cache, augment.plain, knn)
+    batches = CacheBatches(cache, split, config.batch_size, shuffle=True, seed=config.seed,
+                           drop_last=True, device=default_device(), resident=resident)
+    trainable = [p for p in moco.parameters() if p.requires_grad]
+    result = fit(moco, batches, None, config, run_root, "moco", loss_func=model_loss,
+                 batch_tfm=augment, cbs=[MomentumQueue(), KnnMonitor(cache, augment.plain, knn)],
+                 param_groups=[{"params": trainable}], force=force, progress=progress)
+    return PretrainedMoco(moco, result, augment, recipe, knn_start)
+
+
+def save_backbone(pretrained: PretrainedMoco, path: str | Path) -> Path:
+    """Write the query backbone (timm keys, no projection head) with its recipe, for
+    fine-tuning (chapter 4): it loads into `timm.create_model(recipe.model, num_classes=n,
+    in_chans=1)` with only the classifier missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in pretrained.moco.encoder_q.state_dict().items()}
+    runs.atomic_save({"model": state, "backbone": pretrained.recipe.model,
+                      "recipe": dataclasses.asdict(pretrained.recipe),
+                      "normalise": [pretrained.augment.mean, pretrained.augment.std],
+                      "run": pretrained.run.path.name}, path)
+    return path
+
+
+def knn_sentence(results: Mapping[str, tuple[float, float]], epochs: int) -> str:
+    """One plain sentence on where each backbone's kNN AUC went, start to end, and which
+    ended higher; `results` maps a name to (start, end). NaN (no finding with both classes
+    among the validation images) is said, not compared."""
+    if not results:
+        raise ValueError("knn_sentence: no results")
+    parts = []
+    for name, (start, end) in results.items():
+        if not (math.isfinite(start) and math.isfinite(end)):
+            parts.append(f"{name}'s kNN AUC could not be computed (no finding has both "
+                         "classes among the validation images)")
+            continue
+        change, after = end - start, f"after {epochs} epoch{'s' if epochs != 1 else ''}"
+        if change == 0:
+            parts.append(f"{name}'s kNN AUC stayed at {start:.3f} {after}")
+            continue
+        verb = "rose" if change > 0 else "fell"
+        parts.append(f"{name}'s kNN AUC {verb} from {start:.3f} before pre-training to "
+                     f"{end:.3f} {after} ({change:+.3f})")
+    text = "; ".join(parts) + "."
+    ends = {name: end for name, (_, end) in results.items() if math.isfinite(end)}
+    if len(ends) > 1:
+        ranked = sorted(ends.items(), key=lambda item: item[1], reverse=True)
+        (top, best), (_, second) = ranked[0], ranked[1]
+        text += (f" {top} ended highest, {best - second:.3f} above the next." if best > second
+                 else " They ended level.")
+    return text
