@@ -1,0 +1,338 @@
+"""Fine-tuning a classifier on the cache's labels from any starting point, through the one engine.
+
+Chapter 4 and `cxr finetune` call `finetune`: a `FinetuneRecipe` (model, start, regularisation,
+label fraction) and a `TrainConfig` (optimiser and schedule) make one run of `cxr_lib.train.fit`
+in a folder named by their hash, so a finished run loads instead of training. The recipe's
+defaults and `paper_config()` are the ViT-S recipe of Xiao et al.'s released fine-tuning script:
+AdamW (betas 0.9, 0.999; weight decay 0.05), base LR 2.5e-4 x batch / 256 with a batch of 1024,
+5 warm-up epochs then a cosine to 1e-5 over 75 epochs, layer-wise LR decay 0.55, drop path 0.2,
+timm's RandAugment `rand-m6-mstd0.5-inc1` after a random-resized crop (timm's default scale
+0.08-1) and a flip, no mixup, cutmix or random erasing, BCE over the 14 findings.
+
+Model selection differs from that script on purpose: it reports the best test AUC seen during
+training; here the epoch with the best validation AUC is kept (`keep_best="valid_auc"`) and the
+test split is evaluated once, with those weights, at the end. The test numbers are written into
+the run's `metrics.json` (and each image's scores into `test_scores.parquet`), so a finished run
+reports them without touching the test split again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback
+from fastai.torch_core import default_device
+from timm.data import Mixup
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
+
+from cxr_lib import runs
+from cxr_lib.augment import center_resize, hflip, pixel_stats, random_resized_crop, to_float
+from cxr_lib.data.cache import Cache
+from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.models.classifier import build_classifier, imagenet_weights, is_vit, timm_name
+from cxr_lib.models.mae import LoadReport
+from cxr_lib.pretrain import cache_identity
+from cxr_lib.randaugment import RandAugment, fill_level
+from cxr_lib.train import RunResult, TrainConfig, ValidAUC, fit, masked_bce_loss, mean_auc
+
+TEST_SCORES = "test_scores.parquet"  # in the run folder: id, patient, one logit per finding
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """What is fine-tuned, from where, and how it is regularised (the optimiser and schedule
+    are a TrainConfig). Defaults: the paper's ViT-S recipe, from random weights."""
+
+    model: str = "vit_small_patch16"  # an MAE preset name, or densenet121 / resnet50
+    init: str = "random"  # random, imagenet, mae, moco, torchvision
+    weights: str | None = None  # the file for mae / moco / torchvision (imagenet: optional)
+    img_size: int = 224
+    patch_size: int | None = None  # ViT only; None: 16
+    layer_decay: float | None = 0.55  # ViT only; None: one learning rate for every layer
+    drop_path: float = 0.2
+    randaug_magnitude: float | None = 6.0  # None: no RandAugment
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0: off
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    train_fraction: float = 1.0  # share of the training patients whose labels are used
+
+    def __post_init__(self) -> None:
+        """Numbers as floats, so 6 and 6.0 (a YAML int, a default float) name the same run."""
+        for name in ("layer_decay", "drop_path", "randaug_magnitude", "mixup", "cutmix",
+                     "train_fraction"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(self.weights))
+
+    def check(self) -> None:
+        """Refuse combinations that would fail late or train something else than asked."""
+        timm_name(self.model)
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+        if self.layer_decay is not None and not is_vit(self.model):
+            raise ValueError(f"layer_decay groups a ViT's blocks; set it to None for "
+                             f"{self.model}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {self.layer_decay}")
+        if min(self.mixup, self.cutmix, self.drop_path) < 0:
+            raise ValueError("mixup, cutmix and drop_path must be >= 0")
+
+
+def paper_config(**changes) -> TrainConfig:
+    """The optimiser and schedule of the paper's fine-tuning script; `changes` override."""
+    base = TrainConfig(epochs=75, batch_size=1024, base_lr=2.5e-4, warmup_epochs=5,
+                       weight_decay=0.05, betas=(0.9, 0.999), min_lr=1e-5,
+                       keep_best="valid_auc")
+    return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class FinetuneAugment:
+    """Training views: random-resized crop, flip, RandAugment on uint8 (batched), normalise."""
+
+    size: int
+    scale: tuple[float, float]
+    mean: float
+    std: float
+    randaug: RandAugment | None = None
+
+    def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 [B, 1, H, W] -> float [B, 1, size, size], freshly augmented."""
+        x = random_resized_crop(x_u8, self.size, self.scale, generator=generator)  # uint8
+        x = hflip(x, 0.5, generator)  # [B, 1, S, S]
+        if self.randaug is not None:
+            x = self.randaug(x, generator)  # [B, 1, S, S] uint8
+        return to_float(x, self.mean, self.std)
+
+    def plain(self, x_u8: Tensor) -> Tensor:
+        """The evaluation view: the whole image resized, normalised the same way."""
+        return to_float(center_resize(x_u8, self.size), self.mean, self.std)
+
+
+def finetune_augment(cache: Cache, recipe: FinetuneRecipe, split: str = "train",
+                     stats_images: int = 1000) -> FinetuneAugment:
+    """The recipe's augmentation, normalised with the pixel statistics of the training images
+    (all of them, whatever share of labels is used: statistics need no labels)."""
+    rows = cache.split_indices(split)[:stats_images]
+    mean, std = (round(v, 4) for v in pixel_stats(cache.images[rows]))
+    randaug = (None if recipe.randaug_magnitude is None
+               else RandAugment(magnitude=recipe.randaug_magnitude, fill=fill_level(mean)))
+    return FinetuneAugment(recipe.img_size, tuple(recipe.crop_scale), mean, std, randaug)
+
+
+def label_subset(cache: Cache, fraction: float, seed: int, split: str = "train") -> np.ndarray:
+    """Cache rows of `split` from a seeded random `fraction` of its patients (at least one).
+
+    Patients, not images, are drawn, so a patient's films come together; the draw for 1% is
+    the start of the one for 10% (same seed), so smaller shares are nested in larger ones.
+    """
+    rows = cache.split_indices(split)
+    if fraction >= 1:
+        return rows
+    patients = cache.index["patient"].to_numpy()[rows]
+    unique = np.unique(patients)
+    order = np.random.default_rng([seed, 4]).permutation(len(unique))
+    chosen = unique[order[:max(1, round(fraction * len(unique)))]]
+    return rows[np.isin(patients, chosen)]
+
+
+def weights_digest(path: str | Path | None) -> str | None:
+    """A short SHA-256 of a weights file: the run identity follows the file's content, so an
+    encoder saved again with other weights fine-tunes in a new run, and a moved one does not."""
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+class MultiLabelMixup(Callback):
+    """Mixup / CutMix of a training batch and its multi-hot labels with the same lambda
+    (timm's `Mixup` with multi_label=True and no smoothing). A label stays known only where
+    both mixed images state it. An odd-sized batch is left unmixed (timm mixes pairs)."""
+
+    order, run_valid = 6, False  # after the batch transforms (5), before mixed precision (10)
+
+    def __init__(self, mixup: float, cutmix: float, num_classes: int) -> None:
+        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.0,
+                         num_classes=num_classes, multi_label=True)
+
+    def before_batch(self) -> None:
+        x, y = self.learn.xb[0], self.learn.yb[0]  # [B, C, H, W], [B, F]
+        if len(x) % 2:
+            return
+        unknown = y.isnan() | y.flip(0).isnan()  # [B, F]
+        x, mixed = self.mix(x, torch.nan_to_num(y))
+        self.learn.xb = (x, *self.learn.xb[1:])
+        self.learn.yb = (mixed.masked_fill(unknown, float("nan")),)
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuned (or loaded) classifier with its best-validation weights, its run (whose
+    metrics hold the test numbers), the config it ran with, and what its start loaded."""
+
+    model: nn.Module
+    run: RunResult
+    recipe: FinetuneRecipe
+    config: TrainConfig
+    augment: FinetuneAugment
+    load_report: LoadReport
+    train_images: int
+    findings: list[str]
+
+    @property
+    def valid_auc(self) -> float:
+        return _number(self.run.metrics.get("best_valid_auc"))
+
+    @property
+    def test_auc(self) -> float:
+        return _number(self.run.metrics.get("test_auc"))
+
+    @property
+    def test_per_finding(self) -> dict[str, float]:
+        """Test AUC by finding, in the cache's order (NaN: one class only among its images)."""
+        stored = self.run.metrics.get("test_auc_per_finding", {})
+        return {name: _number(stored.get(name)) for name in self.findings}
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root: str | Path,
+             *, splits: tuple[str, str, str] = ("train", "val", "test"), resident: bool = False,
+             force: bool = False, progress: bool = True, cbs: Sequence[Callback] = ()
+             ) -> FinetuneResult:
+    """Fine-tune on the labels of `splits[0]`, keep the epoch with the best AUC on `splits[1]`,
+    score `splits[2]` once (or load all of it from a finished run).
+
+    The learning rate follows config (lr = base_lr x batch / 256); a label share smaller than
+    one batch trains on one batch of all its images, with the rate scaled to that batch.
+    """
+    recipe.check()
+    weights = recipe.weights
+    if recipe.init == "imagenet" and weights is None:
+        weights = str(imagenet_weights(recipe.model))  # WeightsUnavailable: the arm is skipped
+    train_split, valid_split, test_split = splits
+    rows = label_subset(cache, recipe.train_fraction, config.seed, train_split)
+    augment = finetune_augment(cache, recipe, train_split)
+    extra = {"recipe": {**dataclasses.asdict(recipe), "weights": weights_digest(weights)},
+             "data": cache_identity(cache), "splits": list(splits), "train_images": len(rows),
+             "normalise": [augment.mean, augment.std], **config.extra}
+    config = dataclasses.replace(config, batch_size=min(config.batch_size, len(rows)),
+                                 keep_best="valid_auc", extra=extra)
+    torch.manual_seed(config.seed)  # the head's (and a random start's) weights are the run's
+    model, report = build_classifier(
+        recipe.model, num_classes=len(cache.findings), img_size=recipe.img_size,
+        patch_size=recipe.patch_size, drop_path=recipe.drop_path, init=recipe.init,
+        weights=weights)
+    device = default_device()
+    train = CacheBatches(cache, rows, config.batch_size, shuffle=True, seed=config.seed,
+                         drop_last=True, device=device, resident=resident)
+    valid = CacheBatches(cache, valid_split, config.batch_size, device=device, resident=resident)
+    extra_cbs = [ValidAUC(), *cbs]
+    if recipe.mixup or recipe.cutmix:
+        extra_cbs.append(MultiLabelMixup(recipe.mixup, recipe.cutmix, len(cache.findings)))
+    run = fit(model, train, valid, config, run_root, "finetune", loss_func=masked_bce_loss,
+              batch_tfm=augment, valid_tfm=augment.plain, cbs=extra_cbs,
+              param_groups=layer_decay_groups(model, recipe, config.weight_decay),
+              force=force, progress=progress)
+    if "test_auc" not in run.metrics:
+        run = _score_test(model, cache, test_split, augment, config, run)
+    return FinetuneResult(model, run, recipe, config, augment, report, len(rows),
+                          list(cache.findings))
+
+
+def layer_decay_groups(model: nn.Module, recipe: FinetuneRecipe,
+                       weight_decay: float) -> list[dict] | None:
+    """timm's layer-wise LR decay groups (BEiT, ELECTRA): a ViT's layer i of depth L gets
+    lr x decay^(L - i), embeddings i = 0 and the head i = L; None (one rate) without decay."""
+    if recipe.layer_decay is None:
+        return None
+    return param_groups_layer_decay(model, weight_decay=weight_decay,
+                                    no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=recipe.layer_decay)
+
+
+def _score_test(model: nn.Module, cache: Cache, split: str, augment: FinetuneAugment,
+                config: TrainConfig, run: RunResult) -> RunResult:
+    """Score the test split once with the kept weights: AUCs into the run's metrics, each
+    image's scores into `test_scores.parquet` (chapter 5's intervals and paired tests)."""
+    scores, rows = evaluate_split(model, cache, split, augment, config)
+    mean, per_class = (mean_auc(scores, cache.labels[rows]) if len(rows)
+                       else (float("nan"), np.full(len(cache.findings), np.nan)))
+    metrics = {**run.metrics, "test_auc": mean, "test_images": len(rows),
+               "test_auc_per_finding": dict(zip(cache.findings, per_class.tolist(),
+                                                strict=True))}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        table = pd.DataFrame(scores, columns=cache.findings)  # [N, F] logits
+        table.insert(0, "patient", cache.index["patient"].to_numpy()[rows])
+        table.insert(0, "id", cache.index["id"].to_numpy()[rows])
+        write_table(table, run.path / TEST_SCORES)
+        runs.write_metrics(metrics, run.path)
+    return dataclasses.replace(run, metrics=metrics)
+
+
+def evaluate_split(model: nn.Module, cache: Cache, split: str, augment: FinetuneAugment,
+                   config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, F] of `model` on a split's plain views and their cache rows [N] (none for an
+    empty split), in eval mode under the config's precision."""
+    rows = cache.split_indices(split)
+    if len(rows) == 0:
+        return np.zeros((0, len(cache.findings)), dtype=np.float32), rows
+    device = default_device()
+    batches = CacheBatches(cache, rows, config.batch_size, device=device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}
+    was_training = model.training
+    model.to(device).eval()
+    scores = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=half.get(config.precision),
+                                                enabled=device.type == "cuda"
+                                                and config.precision != "fp32"):
+        for x, _ in batches:
+            scores.append(model(augment.plain(x)).float().cpu())  # [b, F] logits
+    model.train(was_training)
+    return torch.cat(scores).numpy(), batches.indices
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> None:
+    """Write a table as parquet beside a temp name, then move it into place (never half
+    written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def encoder_file(work_dir: str | Path, method: str, model: str) -> Path:
+    """`work_dir/encoders/<method>_<model>.pt`, the encoder chapter 2 (mae) or chapter 3 (moco)
+    saved; a missing one is an error that says which chapter to run first."""
+    chapters = {"mae": 2, "moco": 3}
+    if method not in chapters:
+        raise ValueError(f"unknown pre-training method {method!r}; expected one of "
+                         f"{sorted(chapters)}")
+    path = Path(work_dir) / "encoders" / f"{method}_{model}.pt"
+    if not path.is_file():
+        n = chapters[method]
+        raise FileNotFoundError(
+            f"{path} is missing: chapter {n} saves it. Run chapter {n} of this profile first "
+            f"(for example `cxr book run --profile <profile> --chapters {n} 4`; a full book run "
+            f"runs the chapters in order), with the same model ({model}).")
+    return path

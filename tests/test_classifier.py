@@ -1,0 +1,168 @@
+"""build_classifier from every kind of start, each on a state dict synthesised in its layout."""
+
+import argparse
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from cxr_lib.models import classifier
+from cxr_lib.models.classifier import WeightsUnavailable, build_classifier, imagenet_weights
+from cxr_lib.models.mae import build_mae, encoder_state_dict
+
+VIT = dict(img_size=32, patch_size=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP threads spinning
+    against other processes (10x slower under load); the count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mae_encoder(in_chans: int = 1, img_size: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_mae("vit_tiny_patch16", img_size=img_size, patch_size=8, in_chans=in_chans,
+                     decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def forward(net: torch.nn.Module, size: int = 32) -> torch.Tensor:
+    net.eval()
+    with torch.no_grad():
+        return net(torch.randn(2, 1, size, size))
+
+
+def test_random_start_is_timms_model_for_one_channel_and_14_findings():
+    net, report = build_classifier("vit_tiny_patch16", drop_path=0.1, **VIT)
+    assert isinstance(net, timm.models.VisionTransformer) and net.global_pool == "avg"
+    assert net.patch_embed.proj.weight.shape == (192, 1, 8, 8)
+    assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert report.loaded == [] and forward(net).shape == (2, 14)
+    resnet, _ = build_classifier("resnet50", drop_path=0.1)
+    assert resnet.conv1.in_channels == 1 and resnet.fc.out_features == 14
+    assert resnet.layer4[2].drop_path.drop_prob == pytest.approx(0.1)
+
+
+def test_saved_mae_encoder_loads_every_encoder_tensor(tmp_path):
+    mae = mae_encoder()
+    path = tmp_path / "mae_vit_tiny_patch16.pt"
+    torch.save({"model": encoder_state_dict(mae), "recipe": {"patch_size": 8},
+                "normalise": [0.5, 0.25], "run": "mae-abc"}, path)
+    net, report = build_classifier("vit_tiny_patch16", init="mae", weights=path, **VIT)
+    assert torch.equal(net.blocks[3].attn.qkv.weight, mae.blocks[3].attn.qkv.weight)
+    assert torch.equal(net.pos_embed, mae.pos_embed)
+    assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias",
+                                      "head.weight"]
+    assert sorted(report.unexpected) == ["norm.bias", "norm.weight"]  # MAE's avg-pool head
+    assert net.head.weight.std() < 1e-4  # MAE's fine-tuning head initialisation
+    assert forward(net).shape == (2, 14)
+
+
+def test_released_mae_checkpoint_drops_the_decoder_and_fits_channels_and_grid(tmp_path):
+    """facebookresearch/mae layout: {"model": encoder + decoder, "args": Namespace}, RGB, on
+    another grid: the decoder goes, the patch kernel is summed to one channel, the sin-cos
+    table is regenerated for the classifier's grid."""
+    mae = mae_encoder(in_chans=3, img_size=64)
+    state = {f"module.{k}": v for k, v in mae.state_dict().items()}
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": state, "args": argparse.Namespace(mask_ratio=0.75)}, path)
+    net, report = build_classifier("vit_tiny_patch16", init="mae", weights=path, **VIT)
+    assert report.regenerated == ["pos_embed"] and report.adapted == ["patch_embed.proj.weight"]
+    assert not [k for k in report.unexpected if k.startswith(("decoder", "mask_token"))]
+    assert torch.allclose(net.patch_embed.proj.weight, mae.patch_embed.proj.weight.sum(1, True))
+    assert torch.equal(net.pos_embed, mae_encoder(img_size=32).pos_embed)
+
+
+def test_imagenet_weights_file_in_timm_layout_is_resampled_to_the_small_vit(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # 3 channels, 224 px
+    path = tmp_path / "vit_tiny_in1k.pth"
+    torch.save(source.state_dict(), path)
+    net, report = build_classifier("vit_tiny_patch16", init="imagenet", weights=path, **VIT)
+    assert set(report.adapted) == {"pos_embed", "patch_embed.proj.weight"}  # interpolated
+    assert net.pos_embed.shape == (1, 1 + 16, 192)
+    assert torch.equal(net.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+    assert "head.weight" in report.missing  # the 1000-class head was dropped
+
+
+def test_imagenet_without_local_weights_is_skipped_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(classifier, "try_to_load_from_cache", lambda repo, filename: None)
+    with pytest.raises(WeightsUnavailable, match="arm is skipped") as err:
+        build_classifier("vit_small_patch16", init="imagenet")
+    assert "vit_small_patch16_224" in str(err.value) and "downloads nothing" in str(err.value)
+    cached = tmp_path / "model.safetensors"
+    cached.write_bytes(b"")
+    monkeypatch.setattr(classifier, "try_to_load_from_cache",
+                        lambda repo, filename: str(cached) if repo.startswith("timm/") else None)
+    assert imagenet_weights("densenet121") == cached
+
+
+def test_moco_backbones_load_in_timm_layout_and_in_mocos_released_layout(tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model("densenet121", num_classes=0, in_chans=1).state_dict()
+    path = tmp_path / "moco_densenet121.pt"
+    torch.save({"model": backbone}, path)
+    net, report = build_classifier("densenet121", init="moco", weights=path)
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+    assert report.unexpected == [] and len(report.loaded) == len(backbone)
+    key = "features.denseblock4.denselayer16.conv2.weight"
+    assert torch.equal(net.state_dict()[key], backbone[key])
+
+    released = {f"module.encoder_q.{k}": v for k, v in backbone.items()}
+    released["module.encoder_q.classifier.0.weight"] = torch.zeros(1024, 1024)  # projection
+    released["module.encoder_k.features.conv0.weight"] = torch.zeros(64, 1, 7, 7)
+    released["module.queue"] = torch.zeros(128, 16)
+    path = tmp_path / "moco_v2_checkpoint.pth.tar"
+    torch.save({"epoch": 800, "arch": "densenet121", "state_dict": released}, path)
+    net, report = build_classifier("densenet121", init="moco", weights=path)
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+    assert report.unexpected == [] and len(report.loaded) == len(backbone)
+    assert torch.equal(net.features.conv0.weight, backbone["features.conv0.weight"])
+    assert forward(net).shape == (2, 14)
+
+
+def test_torchvision_densenet_weights_map_onto_timms_densenet(tmp_path):
+    torch.manual_seed(0)
+    state = torchvision.models.densenet121(num_classes=14).state_dict()  # RGB
+    # torchvision before 0.4 named some layers `norm.1` and had no num_batches_tracked
+    old = {k.replace("denselayer1.norm1.", "denselayer1.norm.1."): v for k, v in state.items()
+           if not k.endswith("denselayer1.norm1.num_batches_tracked")}
+    path = tmp_path / "densenet121_xray.pth"
+    torch.save({"state_dict": old}, path)
+    net, report = build_classifier("densenet121", init="torchvision", weights=path)
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+    assert report.unexpected == [] and report.adapted == ["features.conv0.weight"]
+    for key in ("features.denseblock1.denselayer1.norm1.weight",
+                "features.denseblock4.denselayer16.conv2.weight"):
+        assert torch.equal(net.state_dict()[key], state[key])
+    assert forward(net).shape == (2, 14)
+
+
+def test_bad_starts_and_files_are_refused_with_the_reason_and_the_file(tmp_path):
+    with pytest.raises(ValueError, match="needs weights"):
+        build_classifier("vit_tiny_patch16", init="mae", **VIT)
+    with pytest.raises(ValueError, match="not a ViT"):
+        build_classifier("densenet121", init="mae", weights=tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="takes no weights"):
+        build_classifier("resnet50", weights=tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="no stochastic depth"):
+        build_classifier("densenet121", drop_path=0.1)
+    with pytest.raises(ValueError, match="unknown classifier"):
+        build_classifier("vit_huge_patch14")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_classifier("vit_tiny_patch16", init="mae", weights=tmp_path / "missing.pt", **VIT)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt: cannot read weights"):
+        build_classifier("vit_tiny_patch16", init="mae", weights=garbage, **VIT)
+    torch.manual_seed(0)
+    narrow = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=1,
+                               embed_dim=96, num_heads=3, depth=2)
+    wrong = tmp_path / "vit_narrow.pt"
+    torch.save({"model": narrow.state_dict()}, wrong)
+    with pytest.raises(ValueError, match=r"vit_narrow.pt: tensors of another shape.*blocks\.0"):
+        build_classifier("vit_tiny_patch16", init="mae", weights=wrong, **VIT)

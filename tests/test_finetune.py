@@ -1,0 +1,205 @@
+"""Fine-tuning through the engine: layer-wise LR decay, one test pass, reload, label shares."""
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from cxr_lib import finetune as ft
+from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.finetune import (
+    TEST_SCORES,
+    FinetuneRecipe,
+    MultiLabelMixup,
+    encoder_file,
+    finetune,
+    label_subset,
+    paper_config,
+    weights_digest,
+)
+from cxr_lib.models import classifier
+from cxr_lib.models.classifier import WeightsUnavailable
+from cxr_lib.study import chapter_cache
+from cxr_lib.train import mean_auc, schedule_at
+
+RECIPE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, layer_decay=0.5,
+                        drop_path=0.1, randaug_magnitude=6.0)
+CONFIG = paper_config(epochs=2, warmup_epochs=1, batch_size=16, base_lr=1e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP threads spinning
+    against other processes (10x slower under load); the count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    return chapter_cache(work, phantom_dataset(60, size=32, seed=2), 32)
+
+
+class GroupLrs(Callback):
+    """Records, at every training step, the learning rate each named parameter trains with."""
+
+    order = 2  # after the engine's schedule (1) has set this step's rates
+
+    def before_fit(self) -> None:
+        self.steps, self.rows = len(self.learn.dls.train), []
+        self.names = {id(p): n for n, p in self.learn.model.named_parameters()}
+
+    def before_batch(self) -> None:
+        if not self.learn.training:
+            return
+        lrs = {self.names[id(p)]: g["lr"] for g in self.learn.opt.opt.param_groups
+               for p in g["params"]}
+        self.rows.append((self.learn.train_iter, lrs))
+
+
+def layer_of(name: str, depth: int) -> int:
+    """timm's layer index for decay: embeddings 0, block i at i + 1, the rest (norms, head)
+    at depth + 1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def test_each_layer_trains_at_decay_to_the_depth_minus_i_times_the_schedule(cache, tmp_path):
+    probe = GroupLrs()
+    result = finetune(cache, RECIPE, CONFIG, tmp_path, progress=False, cbs=[probe])
+    depth = len(result.model.blocks)
+    assert len(probe.rows) == CONFIG.epochs * probe.steps > 2
+    for step, lrs in probe.rows[1:]:
+        scheduled, _ = schedule_at(result.config, step, probe.steps)
+        for name, lr in lrs.items():
+            expected = scheduled * RECIPE.layer_decay ** (depth + 1 - layer_of(name, depth))
+            assert lr == pytest.approx(expected, rel=1e-9), (step, name)
+    assert {layer_of(n, depth) for n in probe.rows[0][1]} == set(range(depth + 2))
+
+
+def test_the_test_split_is_scored_once_and_a_finished_run_reloads_its_numbers(
+        cache, tmp_path, monkeypatch):
+    calls = []
+    score = ft.evaluate_split
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "evaluate_split", counted)
+    first = finetune(cache, RECIPE, CONFIG, tmp_path, progress=False)
+    assert calls == ["test"] and not first.run.loaded_from_cache
+    assert 0 <= first.test_auc <= 1 and 0 <= first.valid_auc <= 1
+    assert first.valid_auc == first.run.history["valid_auc"].max()
+    stored = json.loads((first.run.path / "metrics.json").read_text())
+    assert stored["test_auc"] == first.test_auc
+    assert stored["test_images"] == len(cache.split_indices("test"))
+    scores = pd.read_parquet(first.run.path / TEST_SCORES)
+    test_rows = cache.split_indices("test")
+    assert scores["id"].tolist() == cache.index["id"].iloc[test_rows].tolist()
+    assert list(scores.columns[2:]) == cache.findings
+    assert mean_auc(scores[cache.findings].to_numpy(), cache.labels[test_rows])[0] == pytest.approx(
+        first.test_auc)
+
+    again = finetune(cache, RECIPE, CONFIG, tmp_path, progress=False)
+    assert calls == ["test"] and again.run.loaded_from_cache
+    assert again.run.path == first.run.path and again.test_auc == first.test_auc
+    assert list(again.test_per_finding) == list(first.test_per_finding) == cache.findings
+    np.testing.assert_equal(list(again.test_per_finding.values()),
+                            list(first.test_per_finding.values()))
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a.cpu(), b.cpu())  # the best epoch's weights, both times
+
+
+def test_label_shares_are_seeded_nested_and_whole_patients(cache):
+    train = cache.split_indices("train")
+    small, large = label_subset(cache, 0.1, 0), label_subset(cache, 0.5, 0)
+    assert set(small) < set(large) < set(train)
+    assert np.array_equal(small, label_subset(cache, 0.1, 0))
+    assert not np.array_equal(large, label_subset(cache, 0.5, 1))
+    patients = cache.index["patient"].to_numpy()
+    chosen = set(patients[large])
+    assert set(train[np.isin(patients[train], list(chosen))]) == set(large)
+    assert len(label_subset(cache, 0.001, 0)) >= 1  # at least one patient
+
+
+def test_a_share_smaller_than_a_batch_trains_one_batch_and_records_its_size(cache, tmp_path):
+    recipe = dataclasses.replace(RECIPE, train_fraction=0.1, randaug_magnitude=None,
+                                 layer_decay=None, mixup=0.8, cutmix=1.0)
+    config = dataclasses.replace(CONFIG, epochs=1)
+    result = finetune(cache, recipe, config, tmp_path, progress=False)
+    assert result.train_images == len(label_subset(cache, 0.1, config.seed))
+    assert result.config.batch_size == min(config.batch_size, result.train_images)
+    stored = json.loads((result.run.path / "config.json").read_text())
+    assert stored["extra"]["train_images"] == result.train_images
+    assert stored["extra"]["recipe"]["mixup"] == 0.8
+    assert np.isfinite(result.run.history["train_loss"]).all()
+
+
+def test_mixup_mixes_images_and_labels_with_one_lambda_and_keeps_unknowns_unknown():
+    np.random.seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, float("nan")], [0.0, 0.0]])
+    cb = MultiLabelMixup(mixup=1.0, cutmix=0.0, num_classes=2)
+    cb.learn = SimpleNamespace(xb=(x.clone(),), yb=(y,))
+    cb.before_batch()
+    mixed_x, mixed_y = cb.learn.xb[0], cb.learn.yb[0]
+    lam = ((mixed_x - x.flip(0)) / (x - x.flip(0)))[0, 0, 0, 0].item()
+    torch.testing.assert_close(mixed_x, lam * x + (1 - lam) * x.flip(0))
+    expected = lam * y + (1 - lam) * y.flip(0)
+    assert torch.equal(torch.isnan(mixed_y), torch.isnan(expected))
+    torch.testing.assert_close(mixed_y.nan_to_num(), expected.nan_to_num())
+    assert 0 < lam < 1
+
+
+def test_weights_identity_follows_the_file_content_not_its_path(tmp_path):
+    a, b, c = tmp_path / "a.pt", tmp_path / "moved.pt", tmp_path / "c.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, a)
+    b.write_bytes(a.read_bytes())
+    torch.save({"model": {"w": torch.zeros(3)}}, c)
+    assert weights_digest(a) == weights_digest(b) != weights_digest(c)
+    assert weights_digest(None) is None
+
+
+def test_an_unavailable_imagenet_start_fails_before_training(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(classifier, "try_to_load_from_cache", lambda repo, filename: None)
+    with pytest.raises(WeightsUnavailable, match="skipped"):
+        finetune(cache, dataclasses.replace(RECIPE, init="imagenet"), CONFIG, tmp_path,
+                 progress=False)
+    assert not list(tmp_path.iterdir())  # no run folder was made
+
+
+def test_recipes_that_cannot_train_as_asked_are_refused():
+    with pytest.raises(ValueError, match="layer_decay groups a ViT"):
+        FinetuneRecipe(model="densenet121", drop_path=0.0).check()
+    with pytest.raises(ValueError, match="train_fraction"):
+        dataclasses.replace(RECIPE, train_fraction=0.0).check()
+    with pytest.raises(ValueError, match="unknown classifier"):
+        FinetuneRecipe(model="vit_giant").check()
+    config = paper_config()
+    assert (config.epochs, config.warmup_epochs, config.batch_size, config.base_lr) == (
+        75, 5, 1024, 2.5e-4)
+    assert FinetuneRecipe().layer_decay == 0.55 and FinetuneRecipe().drop_path == 0.2
+
+
+def test_a_missing_encoder_names_the_chapter_that_saves_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"mae_vit_small_patch16.pt is missing: chapter 2"):
+        encoder_file(tmp_path, "mae", "vit_small_patch16")
+    with pytest.raises(FileNotFoundError, match=r"moco_densenet121.pt is missing: chapter 3"):
+        encoder_file(tmp_path, "moco", "densenet121")
+    saved = tmp_path / "encoders" / "moco_densenet121.pt"
+    saved.parent.mkdir()
+    saved.write_bytes(b"x")
+    assert encoder_file(tmp_path, "moco", "densenet121") == saved
