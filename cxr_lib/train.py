@@ -41,12 +41,25 @@ stored in the checkpoint, per rank) or the loader's own (seed, epoch) order.
 
 Host syncs: fastai's `Recorder` and `ProgressCallback` move the loss to the CPU every batch
 (`to_detach`, `smooth_loss.item()`), which stalls a GPU. They are replaced here: losses are summed
-on the device and read once per epoch; the only per-step sync left is the NaN check, every
-`nan_check_every` steps.
+on the device and read once per epoch; the only sync left in the loop is the NaN check, every
+`nan_check_every` steps (25 by default: one sync in 25 steps costs nothing measurable, one every
+step keeps the host from queueing work ahead of the GPU). bf16 autocast (the default on CUDA)
+needs no gradient scaler; fp16's `GradScaler` reads its overflow flag every step, a sync.
+
+Fast path on a GPU (see `cxr bench`): the optimizer runs fused kernels (one launch for all
+parameters), a CNN (more than one convolution) runs channels-last with cuDNN's autotuner, and
+`TrainConfig.compile=True` puts the training forward and backward through `torch.compile`,
+falling back to eager, with a warning, when compiling fails (`compile_or_eager`). These are
+operational settings: they change how fast, not what is trained, so they stay out of the run
+hash (`OPERATIONAL`). Exact resume holds for them too as long as the kernels are deterministic;
+cuDNN's autotuner may pick other convolution algorithms after a restart, so a CNN resumed on a
+GPU matches closely rather than bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -75,11 +88,12 @@ from fastai.callback.training import GradientClip
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import default_device, find_bs, get_model, num_distrib, set_seed
+from fastai.torch_core import default_device, find_bs, num_distrib, set_seed
 from fastcore.basics import GetAttr
 from fastprogress.fastprogress import master_bar, progress_bar
 from sklearn.metrics import roc_auc_score
 from timm.optim import param_groups_weight_decay
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cxr_lib import runs
@@ -87,7 +101,8 @@ from cxr_lib import runs
 SCHEDULES = ("cosine", "one_cycle")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-OPERATIONAL = ("checkpoint_every", "nan_check_every")  # change how, not what: not hashed
+OPERATIONAL = ("checkpoint_every", "nan_check_every", "compile", "channels_last",
+               "cudnn_benchmark")  # change how, not what: not hashed
 
 
 @dataclass
@@ -114,7 +129,10 @@ class TrainConfig:
     seed: int = 0
     keep_best: str | None = None  # a history column, e.g. "valid_auc" (max) or "valid_loss" (min)
     checkpoint_every: int = 500  # steps; and always at the end
-    nan_check_every: int = 1  # steps between host syncs that look for a non-finite loss
+    nan_check_every: int = 25  # steps between host syncs that look for a non-finite loss
+    compile: bool = False  # torch.compile the training step; eager if compiling fails
+    channels_last: bool | None = None  # None: for CNNs on CUDA
+    cudnn_benchmark: bool | None = None  # None: for CNNs on CUDA (fixed shapes: autotune pays)
     extra: dict = field(default_factory=dict)  # model- and data-specific values, hashed too
 
     @property
@@ -141,6 +159,12 @@ class TrainConfig:
             raise ValueError("TrainConfig: warmup_epochs must be >= 0 and pct_start in (0, 1)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be positive, got {self.grad_clip}")
+        for name in ("compile", "channels_last", "cudnn_benchmark"):
+            if getattr(self, name) not in ((False, True) if name == "compile"
+                                           else (None, False, True)):
+                raise ValueError(f"TrainConfig.{name} must be True or False"
+                                 f"{'' if name == 'compile' else ' or None (auto)'}, "
+                                 f"got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -353,7 +377,115 @@ class _DDP(Callback):
         self.learn.model = DistributedDataParallel(self.learn.model, device_ids=ids)
 
     def after_fit(self) -> None:
-        self.learn.model = get_model(self.learn.model)
+        self.learn.model = _unwrap(self.learn.model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module itself, inside any `torch.compile` and DistributedDataParallel wrappers: its
+    state dict has the plain keys that checkpoints use."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------- fast path
+
+def compile_or_eager(model: nn.Module, trial: Callable[[nn.Module], Any]
+                     ) -> tuple[nn.Module, str | None]:
+    """`torch.compile(model)` and None, or `model` itself and why compiling failed.
+
+    torch.compile fails late: tracing and code generation happen at the first forward (the
+    backward's at the first backward), where a missing C++ compiler, an unsupported op or a
+    backend bug raises. So `trial` first runs one step (forward and backward) with a compiled
+    deep copy, under a forked RNG: the real model, its buffers (batch-norm statistics, a MoCo
+    queue) and the random streams are left as they were, and a training run stays exactly
+    the run it would have been. The copy's kernels are cached, so the real compile is quick.
+    """
+    probe = copy.deepcopy(_unwrap(model))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            trial(torch.compile(probe))
+    except Exception as err:  # any failure of an optional speed-up means: run eagerly
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        return model, f"{type(err).__name__}: {first_line}"
+    return torch.compile(model), None
+
+
+class _Compile(Callback):
+    """`TrainConfig.compile`: the training forward and backward through `torch.compile`.
+
+    The first training batch decides (`compile_or_eager`, on that batch, inside autocast so
+    the trial compiles the graph training runs); under DDP every rank must succeed. A failure
+    warns and the run trains eagerly. Validation stays eager: a second graph (eval mode, no
+    grad) would cost another compile for a small share of the time.
+    """
+
+    order = 12  # after MixedPrecision (10) entered autocast and _DDP (11) wrapped the model
+
+    def __init__(self) -> None:
+        self.outcome: str | None = None  # "compiled", or why not
+
+    def before_fit(self) -> None:
+        self.eager, self.compiled = self.learn.model, None
+
+    def before_train(self) -> None:
+        if self.compiled is not None:
+            self.learn.model = self.compiled
+
+    def before_batch(self) -> None:
+        if self.learn.training and self.outcome is None:
+            self._decide()
+
+    def _decide(self) -> None:
+        def trial(model: nn.Module) -> None:
+            self.learn.loss_func(model(*self.learn.xb), *self.learn.yb).backward()
+
+        compiled, error = compile_or_eager(self.eager, trial)
+        if all(ok for ok in _gather(error is None)):
+            self.outcome, self.compiled, self.learn.model = "compiled", compiled, compiled
+            return
+        self.outcome = error or "compiling failed on another rank"
+        warnings.warn(f"torch.compile failed, training eagerly instead: {self.outcome}",
+                      stacklevel=2)
+
+    def before_validate(self) -> None:
+        self.learn.model = self.eager
+
+    def after_fit(self) -> None:
+        self.learn.model = _unwrap(self.eager)
+
+
+def _is_cnn(model: nn.Module) -> bool:
+    """More than one convolution: a CNN (a ViT has one, its patch projection)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
+def cnn_fast_path(setting: bool | None, model: nn.Module, device: torch.device) -> bool:
+    """An explicit setting, or auto: on for CNNs on CUDA (channels-last convolutions run on
+    tensor cores without layout transposes; autotuning pays when shapes never change)."""
+    return setting if setting is not None else device.type == "cuda" and _is_cnn(model)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN's autotuner for the fit only; the process-wide flag is restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _channels_last(x: Any) -> Any:
+    if torch.is_tensor(x) and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 # ----------------------------------------------------------------------------- batches
@@ -422,14 +554,16 @@ def _shard(dl: Any, rank: int, world: int, name: str) -> Any:
 
 
 class _Inputs(Callback):
-    """Checks the first batch and applies the batch transforms (before autocast begins)."""
+    """Checks the first batch and applies the batch transforms (before autocast begins);
+    with `channels_last`, image batches are laid out channels-last for the CNN."""
 
     order = 5  # before MixedPrecision (10): augmentation runs in fp32
 
     def __init__(self, train_tfm: Callable | None, valid_tfm: Callable | None,
-                 batch_size: int, world: int) -> None:
+                 batch_size: int, world: int, channels_last: bool = False) -> None:
         self.train_tfm, self.valid_tfm, self.batch_size, self.world = (
             train_tfm, valid_tfm, batch_size, world)
+        self.channels_last = channels_last
 
     def before_batch(self) -> None:
         if self.learn.iter == 0:
@@ -438,6 +572,8 @@ class _Inputs(Callback):
         if tfm is not None:
             xb = self.learn.xb
             self.learn.xb = (tfm(xb[0]), *xb[1:])
+        if self.channels_last:
+            self.learn.xb = tuple(_channels_last(x) for x in self.learn.xb)
 
     def _check(self) -> None:
         if not self.learn.yb:
@@ -583,7 +719,7 @@ class _Recorder(Callback):
         if s.best is None or sign * row[name] > sign * s.best:
             s.best, s.best_epoch = row[name], row["epoch"]
             if self.writer:
-                runs.atomic_save({"model": get_model(self.learn.model).state_dict(),
+                runs.atomic_save({"model": _unwrap(self.learn.model).state_dict(),
                                   "epoch": row["epoch"], name: row[name]}, self.path / runs.BEST)
 
     def _save(self, end_of_epoch: bool) -> None:
@@ -600,7 +736,7 @@ class _Recorder(Callback):
         rng = _gather(rng_state())
         epoch_rng = rng if end_of_epoch else _gather(self.batches.rng_at_start)
         if self.writer:
-            runs.atomic_save({"model": get_model(self.learn.model).state_dict(),
+            runs.atomic_save({"model": _unwrap(self.learn.model).state_dict(),
                               "opt": self.learn.opt.state_dict(), "state": s.to_dict(),
                               "rng": rng, "epoch_rng": epoch_rng}, self.path / runs.CHECKPOINT)
         self.saved_step = s.step
@@ -699,14 +835,33 @@ def _precision_callbacks(precision: str, device: torch.device) -> list[Callback]
     return [MixedPrecision(amp_mode=AMPMode(precision))]
 
 
-def _optimizer(config: TrainConfig) -> Callable:
-    """A fastai `opt_func`: a torch optimizer (foreach/fused kernels) in fastai's OptimWrapper."""
+def _optimizer_spec(config: TrainConfig, fused: bool) -> tuple[type, dict]:
+    """The torch optimizer class of the config and its keyword arguments; `fused`: its fused
+    CUDA kernel (the whole update in one launch) instead of torch's default (foreach)."""
+    extra = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
-        return partial(OptimWrapper, opt=torch.optim.SGD, momentum=config.momentum,
-                       weight_decay=config.weight_decay)
+        return torch.optim.SGD, {"momentum": config.momentum,
+                                 "weight_decay": config.weight_decay, **extra}
     opt = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return partial(OptimWrapper, opt=opt, betas=tuple(config.betas),
-                   weight_decay=config.weight_decay)
+    return opt, {"betas": tuple(config.betas), "weight_decay": config.weight_decay, **extra}
+
+
+def _optimizer(config: TrainConfig, device: torch.device) -> Callable:
+    """A fastai `opt_func`: the torch optimizer in fastai's OptimWrapper, fused on CUDA."""
+    opt, kwargs = _optimizer_spec(config, fused=device.type == "cuda")
+    return partial(OptimWrapper, opt=opt, **kwargs)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
+                   param_groups: Sequence[dict] | None = None, *,
+                   fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer `fit` trains `model` with (same groups and hyper-parameters; fused on
+    CUDA unless `fused=False`), each group at the peak lr times its `lr_scale`: for loops
+    outside the engine, such as the model step alone of `cxr bench`."""
+    opt, kwargs = _optimizer_spec(config, device.type == "cuda" if fused is None else fused)
+    groups = [{**g, "lr": config.lr * g.get("lr_scale", 1.0)}
+              for g in _param_groups(model, config, param_groups)]
+    return opt(groups, lr=config.lr, **kwargs)
 
 
 def _param_groups(model: torch.nn.Module, config: TrainConfig,
@@ -736,7 +891,7 @@ def _load_weights(model: torch.nn.Module, path: Path, config: TrainConfig) -> No
     best = path / runs.BEST
     file = best if config.keep_best and best.exists() else path / runs.CHECKPOINT
     state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    get_model(model).load_state_dict(state["model"])
+    _unwrap(model).load_state_dict(state["model"])
 
 
 def _replay(ckpt: dict | None, rank: int, world: int) -> _Replay | None:
@@ -751,11 +906,13 @@ def _replay(ckpt: dict | None, rank: int, world: int) -> _Replay | None:
 
 
 def _metrics(s: _RunState, config: TrainConfig, path: Path, world: int,
-             device: torch.device) -> dict:
+             device: torch.device, compiler: _Compile | None) -> dict:
     last = s.history[-1] if s.history else {}
     out = {"status": "done", "steps": s.step, "elapsed_s": s.elapsed, "world_size": world,
            "device": device.type, "run": path.name,
            **{k: v for k, v in last.items() if k not in ("epoch", "step", "elapsed_s")}}
+    if compiler is not None:
+        out["compile"] = compiler.outcome
     if config.keep_best:
         out.update({f"best_{config.keep_best}": s.best, "best_epoch": s.best_epoch})
     return out
@@ -807,32 +964,39 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
     set_seed(config.seed + rank)
     device = default_device()
     model.to(device)  # before the optimizer state is loaded, so it lands on the same device
+    channels_last = cnn_fast_path(config.channels_last, model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     batches = _EpochBatches(_shard(train_dl, rank, world, "train_dl"), _replay(ckpt, rank, world))
     valid = _shard(valid_dl, rank, world, "valid_dl") if valid_dl is not None else []
     guard = _NanGuard(config.nan_check_every)
     engine = [TrainEvalCallback(), _Resume(s, batches), _Schedule(config),
-              _Inputs(batch_tfm, valid_tfm, config.batch_size, world), guard,
+              _Inputs(batch_tfm, valid_tfm, config.batch_size, world, channels_last), guard,
               _Recorder(s, config, path, guard, batches, writer=rank == 0),
               *_precision_callbacks(config.precision, device)]
     if config.grad_clip:
         engine.append(GradientClip(config.grad_clip))
     if world > 1:
         engine.append(_DDP())
+    compiler = _Compile() if config.compile else None
+    if compiler is not None:
+        engine.append(compiler)
     if progress and rank == 0:
         engine.append(_Progress(s))
     groups = _param_groups(model, config, param_groups)
     learn = Learner(DataLoaders(batches, valid), model, loss_func=loss_func,
-                    opt_func=_optimizer(config), lr=config.lr, splitter=lambda _: groups,
+                    opt_func=_optimizer(config, device), lr=config.lr, splitter=lambda _: groups,
                     wd=None, cbs=[*engine, *cbs], path=path, default_cbs=False)
     learn.create_opt()
     if ckpt:
-        get_model(model).load_state_dict(ckpt["model"])
+        _unwrap(model).load_state_dict(ckpt["model"])
         learn.opt.load_state_dict(ckpt["opt"])
     try:
-        learn.fit(config.epochs)
+        with cudnn_benchmark(cnn_fast_path(config.cudnn_benchmark, model, device)):
+            learn.fit(config.epochs)
     except TrainingDiverged as err:
         raise TrainingDiverged(err.step, err.loss, err.since, path) from None
-    metrics = _metrics(s, config, path, world, device)
+    metrics = _metrics(s, config, path, world, device, compiler)
     if rank == 0:
         runs.write_metrics(metrics, path)
     _barrier()

@@ -57,7 +57,7 @@ def make_repo(root: Path, profile: str) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(real / name, root / name)
     (root / "book").mkdir()
-    for name in ("intro.md", "setup.md", "references.bib"):
+    for name in ("intro.md", "setup.md", "performance.md", "references.bib"):
         shutil.copy2(real / "book" / name, root / "book" / name)
     (root / "profiles").mkdir()
     (root / "profiles" / "tiny.yaml").write_text(profile, encoding="utf-8")
@@ -158,7 +158,7 @@ def test_staging_the_published_edition_uses_book_chapters(executed, tmp_path):
     staged = stage_site(repo, repo / "book" / "chapters", tmp_path / "site")
     assert staged == ["01_data_curation", "02_mae_pretraining"]
     assert sorted(p.name for p in (tmp_path / "site" / "book").iterdir()) == [
-        "chapters", "intro.md", "references.bib", "setup.md"]
+        "chapters", "intro.md", "performance.md", "references.bib", "setup.md"]
     assert toc_chapters(yaml.safe_load((tmp_path / "site" / "_toc.yml").read_text())) == staged
 
 

@@ -1,0 +1,326 @@
+"""`cxr bench` on a CPU with tiny stand-in models: every task runs its three pipelines and the
+table and JSON report every field (not the speed); FLOP counting, the phantom PNGs and the
+peak table. Then the engine's fast-path options: torch.compile with its fallback to eager,
+channels-last CNNs, the fused optimizer's construction, and the operational settings.
+"""
+
+import argparse
+import json
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from fastai.callback.core import Callback
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from cxr_lib import bench, runs
+from cxr_lib.bench import (
+    PIPELINES,
+    TASKS,
+    BenchSettings,
+    add_bench_arguments,
+    count_flops,
+    main_bench,
+    peak_tflops,
+    png_files,
+    run_bench,
+    write_phantom_pngs,
+)
+from cxr_lib.data.core import DataError
+from cxr_lib.train import (
+    TrainConfig,
+    cnn_fast_path,
+    cudnn_benchmark,
+    fit,
+    make_optimizer,
+    masked_bce_loss,
+)
+
+COLUMNS = ("task", "pipeline", "img/s", "vs reference", "of step", "GFLOP/img", "TFLOP/s",
+           "% of peak", "peak GiB", "syncs/step")
+FIELDS = ("images_per_s", "seconds", "peak_memory_gib", "syncs_per_step", "speedup_vs_reference",
+          "fraction_of_step", "tflops", "peak_fraction")
+
+
+@contextmanager
+def _one_thread():
+    """Two OpenMP threads on two shared, busy cores spin-wait: one thread is many times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """`cxr bench` through its command-line entry: every task, tiny, 2 PNGs of 96 px."""
+    work = tmp_path_factory.mktemp("bench")
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "2",
+                              "--warmup", "1", "--image-size", "64", "--png-size", "96",
+                              "--png-count", "2", "--workers", "1", "--tiny",
+                              "--work-dir", str(work / "work"), "--json", str(work / "b.json")])
+    with _one_thread():
+        results = main_bench(args)
+    return results, json.loads((work / "b.json").read_text()), work
+
+
+def test_bench_runs_every_task_and_reports_every_field(bench_run):
+    results, report, work = bench_run
+    assert [r.task for r in results] == list(TASKS)
+    assert report["settings"]["tiny"] is True and report["settings"]["batch_size"] == 4
+    assert [t["task"] for t in report["tasks"]] == list(TASKS)
+    for r, entry in zip(results, report["tasks"], strict=True):
+        assert r.flops_per_image > 0 and entry["flops_per_image"] == r.flops_per_image
+        assert r.device == "cpu" and r.peak_tflops is None
+        assert set(entry["pipelines"]) == set(PIPELINES)
+        for name, p in entry["pipelines"].items():
+            assert set(FIELDS) <= set(p), name
+            assert p["images_per_s"] > 0 and p["seconds"] > 0 and p["tflops"] > 0
+            assert p["peak_fraction"] is None and p["peak_memory_gib"] is None  # CPU: n/a
+            assert p["syncs_per_step"] is None
+            assert p["tflops"] == pytest.approx(r.flops_per_image * p["images_per_s"] / 1e12)
+        ref, step = entry["pipelines"]["reference"], entry["pipelines"]["step"]
+        assert ref["speedup_vs_reference"] == 1.0 and step["fraction_of_step"] == 1.0
+        ours = entry["pipelines"]["ours"]
+        assert ours["speedup_vs_reference"] == pytest.approx(
+            ours["images_per_s"] / ref["images_per_s"])
+        assert any("cache of 12 images at 73 px" in note for note in r.notes)  # 4 x 3 rows
+
+
+def test_the_cxr_command_takes_the_same_options():
+    """cli.py copies the option lines (to keep torch out of `cxr --help`); they must agree."""
+    from cxr_lib.cli import build_parser
+
+    argv = ["--device", "cpu", "--tiny", "--png-dir", "x", "--json", "y.json"]
+    try:
+        cli = vars(build_parser().parse_args(["bench", *argv]))
+    except SystemExit:
+        pytest.skip("cxr has no bench command yet")
+    own = argparse.ArgumentParser()
+    add_bench_arguments(own)
+    expected = vars(own.parse_args(argv))
+    assert {k: v for k, v in cli.items() if k in expected} == expected
+    assert set(expected) <= set(cli)
+
+
+def test_bench_table_has_a_row_per_task_and_pipeline(bench_run):
+    results, _, _ = bench_run
+    table = bench.format_table(results)
+    lines = table.splitlines()
+    assert all(col in lines[0] for col in COLUMNS)
+    rows = [line.split() for line in lines[1:1 + 3 * len(TASKS)]]
+    assert [(row[0], row[1]) for row in rows] == [(t, p) for t in TASKS for p in PIPELINES]
+    assert all(row[-3:] == ["n/a", "n/a", "n/a"] for row in rows)  # peak share, memory, syncs
+    assert "device: cpu (no listed peak); batch 4, 64 px" in table
+
+
+def test_bench_writes_png_files_and_reuses_its_cache(bench_run):
+    _, report, work = bench_run
+    pngs = sorted((work / "work" / "png-96px").glob("*.png"))
+    assert len(pngs) == 2
+    caches = list((work / "work").glob("cache-73px-12-*"))
+    assert len(caches) == 1 and (caches[0] / "meta.json").exists()
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_flops_of_a_linear_layer_by_hand():
+    layer, x = nn.Linear(8, 4), torch.randn(3, 8)
+    assert count_flops(lambda: layer(x)) == 2 * 3 * 8 * 4  # 3 rows x 4 outputs x 8 mul-adds
+    # backward: the weight's gradient is one more product of the same size (x needs none)
+    assert count_flops(lambda: layer(x).sum().backward()) == 2 * (2 * 3 * 8 * 4)
+    x.requires_grad_(True)  # and the input's gradient a third
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * (2 * 3 * 8 * 4)
+
+
+def test_phantom_pngs_are_real_1024_px_pngs(tmp_path):
+    (path,) = write_phantom_pngs(tmp_path, 1)
+    with Image.open(path) as img:
+        assert (img.format, img.mode, img.size) == ("PNG", "L", (1024, 1024))
+        assert len(np.unique(np.asarray(img))) > 50  # an image, not a flat square
+
+
+def test_phantom_pngs_at_another_size_are_kept_between_runs(tmp_path):
+    paths = write_phantom_pngs(tmp_path, 3, size=48, workers=2)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    again = write_phantom_pngs(tmp_path, 3, size=48)
+    assert again == paths and [p.stat().st_mtime_ns for p in paths] == stamps
+    for p in paths:
+        with Image.open(p) as img:
+            assert img.size == (48, 48)
+    with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_real_pngs_are_taken_from_png_dir(tmp_path):
+    for name in ("b.png", "a.png"):
+        Image.new("L", (20, 20), 7).save(tmp_path / name)
+    found = png_files(BenchSettings(png_dir=tmp_path), tmp_path / "work")
+    assert [p.name for p in found] == ["a.png", "b.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"{empty}: no .png files"):
+        png_files(BenchSettings(png_dir=empty), tmp_path / "work")
+
+
+def test_an_unreadable_png_is_named(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    files = bench.PngFiles([bad], np.zeros((1, 14), np.float32), lambda img: img)
+    with pytest.raises(DataError, match="broken.png: cannot decode image"):
+        files[0]
+
+
+def test_peak_table_by_device_name():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("cpu") is None and peak_tflops("NVIDIA GeForce RTX 3090") is None
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown bench tasks"):
+        run_bench(["mae_vit_b"], BenchSettings(device="cpu"))
+    with pytest.raises(ValueError, match="BenchSettings.steps must be at least 1"):
+        BenchSettings(steps=0).check()
+    with pytest.raises(ValueError, match="cache_size 100 is smaller than image_size 224"):
+        BenchSettings(cache_size=100).check()
+
+
+# ----------------------------------------------------------------------------- engine fast path
+
+def _loaders():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (24, 1, 6, 6), generator=g, dtype=torch.uint8)  # [N, 1, 6, 6]
+    y = (x.float().mean((1, 2, 3))[:, None] > torch.tensor([120.0, 136.0])).float()  # [N, 2]
+    return DataLoader(TensorDataset(x, y), batch_size=6, shuffle=True)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(16, 2))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 2))
+
+
+def _fit(model, root, cbs=(), channels=1, **config):
+    cfg = TrainConfig(epochs=2, batch_size=6, base_lr=0.5, **config)
+    return fit(model, _loaders(), None, cfg, root, "fast", loss_func=masked_bce_loss,
+               batch_tfm=lambda x: x.float().repeat(1, channels, 1, 1) / 255, cbs=list(cbs),
+               progress=False)
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values(), strict=True))
+
+
+class _Unavailable(nn.Module):
+    """What a broken compiler gives: a module that fails at its first call."""
+
+    def forward(self, *args):
+        raise RuntimeError("no C++ compiler found")
+
+
+def test_failed_compile_falls_back_to_eager_and_trains_the_same_weights(tmp_path, monkeypatch):
+    with _one_thread():
+        eager = _mlp()
+        _fit(eager, tmp_path / "eager")
+        monkeypatch.setattr(torch, "compile", lambda model, **kw: _Unavailable())
+        fallback = _mlp()
+        with pytest.warns(UserWarning, match="torch.compile failed, training eagerly"):
+            res = _fit(fallback, tmp_path / "compiled", compile=True)
+    assert res.metrics["compile"] == "RuntimeError: no C++ compiler found"
+    assert _same(fallback, eager)  # the trial ran on a copy, under a forked RNG
+
+
+def test_compiled_training_saves_plain_checkpoints(tmp_path, monkeypatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", partial(real_compile, backend="eager"))  # dynamo only
+    with _one_thread():
+        model = _mlp()
+        res = _fit(model, tmp_path, compile=True)
+        reference = _mlp()
+        _fit(reference, tmp_path / "eager")
+    assert res.metrics["compile"] == "compiled"
+    ckpt = torch.load(res.path / runs.CHECKPOINT, weights_only=True)
+    assert list(ckpt["model"]) == list(_mlp().state_dict())  # no `_orig_mod.` prefix
+    for name, weights in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], weights, atol=1e-6), name
+    assert type(model) is nn.Sequential  # the caller's model is not left wrapped
+
+
+class _Layout(Callback):
+    order = 50  # after the engine's input callback (5)
+
+    def before_batch(self):
+        self.seen = self.learn.xb[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_cnn(tmp_path):
+    with _one_thread():
+        model, layout = _cnn(), _Layout()
+        _fit(model, tmp_path / "on", [layout], channels=3, channels_last=True)
+        assert layout.seen
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        auto, layout = _cnn(), _Layout()
+        _fit(auto, tmp_path / "auto", [layout], channels=3)  # auto: CUDA only
+        assert not layout.seen
+    cuda = torch.device("cuda")  # the decision only reads the device type
+    assert cnn_fast_path(None, _cnn(), cuda) and not cnn_fast_path(None, _mlp(), cuda)
+    assert not cnn_fast_path(None, _cnn(), torch.device("cpu"))
+    assert cnn_fast_path(True, _mlp(), torch.device("cpu"))
+
+
+def test_make_optimizer_is_the_engines_and_fused_on_cuda():
+    model = _mlp()
+    config = TrainConfig(batch_size=512, base_lr=1e-3)
+    groups = [{"params": model[1].parameters(), "lr_scale": 0.5},
+              {"params": model[4].parameters(), "weight_decay": 0.0}]
+    opt = make_optimizer(model, config, torch.device("cpu"), groups)
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-3), pytest.approx(2e-3)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    default = make_optimizer(model, config, torch.device("cpu"))
+    assert sorted(g["weight_decay"] for g in default.param_groups) == [0.0, 0.05]
+    # On CUDA the fused kernel is chosen (torch also has it for CPU tensors, which this uses).
+    fused = make_optimizer(model, TrainConfig(optimizer="sgd"), torch.device("cuda"))
+    assert type(fused) is torch.optim.SGD and fused.defaults["fused"]
+    assert not make_optimizer(model, config, torch.device("cuda"), fused=False).defaults["fused"]
+
+
+def test_fast_path_settings_are_operational_and_checked():
+    plain = TrainConfig().identity()
+    assert TrainConfig(compile=True, channels_last=False, cudnn_benchmark=True).identity() == plain
+    assert TrainConfig().nan_check_every > 1  # no host sync every step by default
+    with pytest.raises(ValueError, match="TrainConfig.compile must be True or False"):
+        TrainConfig(compile="yes").check()
+    with pytest.raises(ValueError, match=r"channels_last must be True or False or None"):
+        TrainConfig(channels_last="auto").check()
+
+
+def test_cudnn_benchmark_is_restored_after_the_fit():
+    before = torch.backends.cudnn.benchmark
+    with cudnn_benchmark(not before):
+        assert torch.backends.cudnn.benchmark is (not before)
+    assert torch.backends.cudnn.benchmark is before
+    with pytest.raises(KeyError), cudnn_benchmark(True):
+        raise KeyError("a failing fit")
+    assert torch.backends.cudnn.benchmark is before
