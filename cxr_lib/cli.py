@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cxr_lib.bench import add_bench_arguments
+
 
 def _data_prepare(args: argparse.Namespace) -> None:
     from cxr_lib.data import open_source
@@ -64,6 +66,186 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
     print(f"{state} {pretrained.run.path}")
     if args.save:
         print(f"encoder saved to {save_encoder(pretrained, args.save)}")
+
+
+# The 03_moco_baselines values `cxr pretrain moco` needs, with MoCo v2's defaults where it has
+# one (None: the profile or the command line must give it).
+MOCO_SETTINGS = {"image_size": None, "epochs": None, "batch_size": None, "warmup_epochs": 0.0,
+                 "base_lr": 0.03, "queue_size": 65536, "momentum": 0.999, "temperature": 0.2,
+                 "hidden_dim": 2048, "bn_splits": 8, "knn_k": 20, "knn_every": 1,
+                 "knn_images": 20000}
+
+
+def _pretrain_moco(args: argparse.Namespace) -> None:
+    from cxr_lib.contrastive import (
+        KnnSettings,
+        MocoRecipe,
+        moco_config,
+        pretrain_moco,
+        save_backbone,
+    )
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.profiles import ProfileError, load_profile
+    from cxr_lib.study import resolve_device
+
+    profile = load_profile(args.profile)
+    resolve_device(profile.shared.get("device", "auto"))
+    section = profile.chapters.get("03_moco_baselines", {})
+    values = {name: section.get(name, default) for name, default in MOCO_SETTINGS.items()}
+    values.update({name: getattr(args, name) for name in MOCO_SETTINGS
+                   if getattr(args, name) is not None})
+    values["model"] = args.model or (section.get("models") or [None])[0]
+    missing = sorted(name for name, value in values.items() if value is None)
+    if missing:
+        options = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ProfileError(f"{profile.path}: the 03_moco_baselines section does not set "
+                           f"{', '.join(missing)}; add them there or pass {options}")
+    recipe = MocoRecipe(model=values["model"], img_size=values["image_size"],
+                        hidden_dim=values["hidden_dim"], queue_size=values["queue_size"],
+                        momentum=values["momentum"], temperature=values["temperature"],
+                        bn_splits=values["bn_splits"])
+    config = moco_config(values["epochs"], values["batch_size"], base_lr=values["base_lr"],
+                         warmup_epochs=values["warmup_epochs"],
+                         seed=profile.shared.get("seed", 0))
+    knn = KnnSettings(k=values["knn_k"], every=values["knn_every"],
+                      max_images=values["knn_images"])
+    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
+                               force=args.force)
+    state = "loaded the finished run" if pretrained.run.loaded_from_cache else "trained"
+    print(f"{state} {pretrained.run.path}")
+    print(f"kNN AUC {pretrained.knn_start:.3f} before pre-training, "
+          f"{pretrained.knn_end:.3f} after")
+    if args.save:
+        print(f"backbone saved to {save_backbone(pretrained, args.save)}")
+
+
+def _parse_optional(text: str) -> float | None:
+    """A number, or `none` for "off" (no layer decay, no RandAugment)."""
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def _recipe_and_config(args: argparse.Namespace):
+    from cxr_lib.finetune import FinetuneRecipe, paper_config
+    from cxr_lib.models.classifier import is_vit
+    from cxr_lib.profiles import load_profile
+    from cxr_lib.study import resolve_device
+
+    profile = load_profile(args.profile)
+    resolve_device(profile.shared.get("device", "auto"))
+    section = profile.chapters.get("04_finetuning_ablations", {})
+    paper, base = paper_config(), FinetuneRecipe()
+
+    def value(name: str, key: str, fallback):
+        given = getattr(args, name)
+        return given if given is not None else section.get(key, fallback)
+
+    model = value("model", "vit_model", base.model)
+    vit = is_vit(model)
+    patch = profile.chapters.get("02_mae_pretraining", {}).get("patch_size")
+    recipe = FinetuneRecipe(
+        model=model, init=args.init, weights=args.weights,
+        img_size=value("image_size", "image_size", base.img_size),
+        patch_size=(args.patch_size or patch) if vit else None,
+        layer_decay=(value("layer_decay", "paper_layer_decay", base.layer_decay) if vit
+                     else None),
+        drop_path=value("drop_path", "paper_drop_path", base.drop_path if vit else 0.0),
+        randaug_magnitude=value("randaug", "paper_randaug", base.randaug_magnitude),
+        mixup=args.mixup, cutmix=args.cutmix,
+        crop_scale=tuple(value("crop_scale", "crop_scale", base.crop_scale)),
+        train_fraction=args.train_fraction)
+    config = paper_config(
+        epochs=value("epochs", "epochs", paper.epochs),
+        warmup_epochs=value("warmup_epochs", "warmup_epochs", paper.warmup_epochs),
+        batch_size=value("batch_size", "batch_size", paper.batch_size),
+        base_lr=value("base_lr", "base_lr", paper.base_lr),
+        min_lr=value("min_lr", "min_lr", paper.min_lr), seed=profile.shared.get("seed", 0))
+    return profile, recipe, config
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.finetune import finetune
+
+    profile, recipe, config = _recipe_and_config(args)
+    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    result = finetune(open_cache(args.data), recipe, config, runs_dir, force=args.force)
+    state = "loaded the finished run" if result.run.loaded_from_cache else "trained"
+    print(f"{state} {result.run.path}")
+    print(f"start: {result.load_report.summary}")
+    print(f"validation AUC {result.valid_auc:.4f} (best epoch); test AUC {result.test_auc:.4f} "
+          f"on {result.run.metrics.get('test_images', 0)} images")
+
+
+def _grid(args: argparse.Namespace) -> None:
+    import yaml
+
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.grid import run_grid
+
+    profile, recipe, config = _recipe_and_config(args)
+    axes = {}
+    for axis in args.axis:
+        name, sep, values = axis.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--axis {axis!r}: write NAME=V1,V2 (e.g. layer_decay=0.55,0.75)")
+        axes[name] = [None if v.strip().lower() in ("none", "off") else yaml.safe_load(v)
+                      for v in values.split(",")]
+    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    table = run_grid(recipe, axes, open_cache(args.data), config, runs_dir, name=args.name)
+    shown = [*axes, "valid_auc", "test_auc", "train_s", "loaded"]
+    print(table[shown].to_string(index=False))
+    print(f"table written to {runs_dir}/{args.name or 'grid-<hash>'}.parquet")
+
+
+def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--profile", default="cpu", help="profile name or YAML path")
+    cmd.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
+    cmd.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
+    cmd.add_argument("--model", help="vit_tiny_patch16, vit_small_patch16, vit_base_patch16, "
+                     "densenet121 or resnet50")
+    cmd.add_argument("--init", default="random",
+                     choices=["random", "imagenet", "mae", "moco", "torchvision"])
+    cmd.add_argument("--weights", type=Path, help="the start's file (mae, moco, torchvision; "
+                     "imagenet: optional, else the Hugging Face cache)")
+    cmd.add_argument("--image-size", type=int)
+    cmd.add_argument("--patch-size", type=int, help="ViT patch (default: chapter 2's)")
+    cmd.add_argument("--layer-decay", type=_parse_optional, help="a number, or none (ViT)")
+    cmd.add_argument("--drop-path", type=float)
+    cmd.add_argument("--randaug", type=_parse_optional, help="RandAugment magnitude, or none")
+    cmd.add_argument("--mixup", type=float, default=0.0)
+    cmd.add_argument("--cutmix", type=float, default=0.0)
+    cmd.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    cmd.add_argument("--train-fraction", type=float, default=1.0,
+                     help="share of the training patients whose labels are used")
+    cmd.add_argument("--epochs", type=int)
+    cmd.add_argument("--warmup-epochs", type=float)
+    cmd.add_argument("--batch-size", type=int, help="global batch (all GPUs together)")
+    cmd.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
+    cmd.add_argument("--min-lr", type=float)
+
+
+def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
+    """`cxr finetune` (one run) and `cxr grid` (a product of settings, one table)."""
+    tune = groups.add_parser(
+        "finetune", help="fine-tune a classifier (chapter 4); unset options come from the "
+        "profile's 04_finetuning_ablations section, else the paper's recipe")
+    _add_recipe_arguments(tune)
+    tune.add_argument("--force", action="store_true", help="train again even if finished")
+    tune.set_defaults(func=_finetune)
+    grid = groups.add_parser(
+        "grid", help="fine-tune every combination of some settings; one table row per run")
+    _add_recipe_arguments(grid)
+    grid.add_argument("--axis", action="append", required=True, metavar="NAME=V1,V2",
+                      help="a FinetuneRecipe or TrainConfig field and its values; repeatable")
+    grid.add_argument("--name", help="table name (default grid-<hash of the request>)")
+    grid.set_defaults(func=_grid)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from cxr_lib.bench import main_bench
+
+    main_bench(args)  # prints the table, then the JSON report (also written to --json FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
     mae.add_argument("--save", type=Path, help="also write the encoder here (timm ViT keys)")
     mae.add_argument("--force", action="store_true", help="train again even if finished")
     mae.set_defaults(func=_pretrain_mae)
+    moco = pretrain_cmds.add_parser(
+        "moco", help="MoCo v2 pre-training of a CNN (chapter 3); unset options come from the "
+        "profile's 03_moco_baselines section, else MoCo v2's defaults")
+    moco.add_argument("--profile", default="cpu", help="profile name or YAML path")
+    moco.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
+    moco.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
+    moco.add_argument("--model", help="a timm backbone, e.g. densenet121 or resnet50 (default: "
+                      "the first of the profile's models)")
+    moco.add_argument("--image-size", type=int)
+    moco.add_argument("--epochs", type=int)
+    moco.add_argument("--warmup-epochs", type=float)
+    moco.add_argument("--batch-size", type=int, help="global batch (all GPUs together)")
+    moco.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
+    moco.add_argument("--queue-size", type=int, help="negative keys kept (MoCo: 65536)")
+    moco.add_argument("--momentum", type=float, help="of the key encoder (MoCo: 0.999)")
+    moco.add_argument("--temperature", type=float, help="of the InfoNCE softmax (MoCo v2: 0.2)")
+    moco.add_argument("--hidden-dim", type=int, help="width of the projection head (2048)")
+    moco.add_argument("--bn-splits", type=int, help="batch-norm groups per device batch (8)")
+    moco.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (20)")
+    moco.add_argument("--knn-every", type=int, help="epochs between kNN evaluations (1)")
+    moco.add_argument("--knn-images", type=int, help="images per split in the kNN monitor")
+    moco.add_argument("--save", type=Path, help="also write the backbone here (timm keys)")
+    moco.add_argument("--force", action="store_true", help="train again even if finished")
+    moco.set_defaults(func=_pretrain_moco)
+    add_finetune_commands(groups)
+    bench = groups.add_parser(
+        "bench", help="images/s of the papers' PNG + torchvision pipeline, the study's engine "
+        "and the model step alone, with FLOPs, share of peak and memory (book/performance.md)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 
