@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -336,3 +337,18 @@ def encoder_file(work_dir: str | Path, method: str, model: str) -> Path:
             f"(for example `cxr book run --profile <profile> --chapters {n} 4`; a full book run "
             f"runs the chapters in order), with the same model ({model}).")
     return path
+
+
+def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, FinetuneAugment]:
+    """A finished fine-tuning run's classifier with its best weights, in eval mode, and the
+    augmentation whose `plain` view it was evaluated with; nothing is trained or downloaded
+    (the start's weights are replaced by the run's own)."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / runs.CONFIG).read_text())
+    recipe = FinetuneRecipe(**{**config["extra"]["recipe"], "init": "random", "weights": None})
+    model, _ = build_classifier(recipe.model, num_classes=len(cache.findings),
+                                img_size=recipe.img_size, patch_size=recipe.patch_size,
+                                drop_path=recipe.drop_path)
+    weights = run_dir / runs.BEST if (run_dir / runs.BEST).exists() else run_dir / runs.CHECKPOINT
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+    return model.eval(), finetune_augment(cache, recipe)

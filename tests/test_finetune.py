@@ -203,3 +203,12 @@ def test_a_missing_encoder_names_the_chapter_that_saves_it(tmp_path):
     saved.parent.mkdir()
     saved.write_bytes(b"x")
     assert encoder_file(tmp_path, "moco", "densenet121") == saved
+
+
+def test_a_finished_run_loads_its_best_classifier_without_training(cache, tmp_path):
+    result = finetune(cache, RECIPE, CONFIG, tmp_path, progress=False)
+    model, augment = ft.load_finetuned(result.run.path, cache)
+    assert not model.training and augment.mean == result.augment.mean
+    for a, b in zip(model.state_dict().values(), result.model.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+
