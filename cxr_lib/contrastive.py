@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.torch_core import default_device, get_model
-from torch import nn
+from fastai.torch_core import default_device
+from torch import Tensor, nn
 
 from cxr_lib import runs
 from cxr_lib.augment import pixel_stats
@@ -34,7 +34,15 @@ from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.models.moco import MoCo, build_moco, gather_keys
 from cxr_lib.pretrain import cache_identity
 from cxr_lib.probe import extract_features
-from cxr_lib.train import EpochMetric, RunResult, TrainConfig, fit, mean_auc, model_loss
+from cxr_lib.train import (
+    EpochMetric,
+    RunResult,
+    TrainConfig,
+    _unwrap,
+    fit,
+    mean_auc,
+    model_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,7 @@ def moco_config(epochs: int, batch_size: int, *, base_lr: float = 0.03,
     # floats as floats: a profile's `0` and the default 0.0 must name the same run
     return TrainConfig(epochs=epochs, batch_size=batch_size, base_lr=float(base_lr),
                        warmup_epochs=float(warmup_epochs), seed=seed, optimizer="sgd",
-                       momentum=0.9,
-                       weight_decay=1e-4, schedule="cosine", **changes)
+                       momentum=0.9, weight_decay=1e-4, schedule="cosine", **changes)
 
 
 def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train",
@@ -150,7 +157,10 @@ def knn_auc(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.nda
     return mean_auc(scores, np.asarray(val_labels, dtype=np.float64))[0]
 
 
-def backbone_features(encoder: nn.Module, cache: Cache, transform, split: str,
+Transform = Callable[[Tensor], Tensor]  # uint8 [B, 1, S, S] -> float [B, C, s, s]
+
+
+def backbone_features(encoder: nn.Module, cache: Cache, transform: Transform, split: str,
                       max_images: int = 20_000, batch_size: int = 128
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features [N, D] and labels [N, F] of the first `max_images` images of a split,
@@ -161,7 +171,8 @@ def backbone_features(encoder: nn.Module, cache: Cache, transform, split: str,
     return feats, cache.labels[rows]
 
 
-def knn_evaluate(encoder: nn.Module, cache: Cache, transform, settings: KnnSettings) -> float:
+def knn_evaluate(encoder: nn.Module, cache: Cache, transform: Transform,
+                 settings: KnnSettings) -> float:
     """The kNN monitor's mean AUC for `encoder` (see `knn_scores`)."""
     train = backbone_features(encoder, cache, transform, settings.train_split,
                               settings.max_images, settings.batch_size)
@@ -176,7 +187,7 @@ class KnnMonitor(EpochMetric):
 
     order, run_valid, metric_name = 70, False, "knn_auc"  # before the recorder (80)
 
-    def __init__(self, cache: Cache, transform, settings: KnnSettings) -> None:
+    def __init__(self, cache: Cache, transform: Transform, settings: KnnSettings) -> None:
         self.cache, self.transform, self.settings = cache, transform, settings
 
     def before_fit(self) -> None:
@@ -189,7 +200,7 @@ class KnnMonitor(EpochMetric):
         epoch, last = self.learn.epoch + 1, self.learn.epoch == self.learn.n_epoch - 1
         self.value = math.nan
         if self.trained and (last or epoch % self.settings.every == 0):
-            encoder = get_model(self.learn.model).encoder_q
+            encoder = _unwrap(self.learn.model).encoder_q
             self.value = knn_evaluate(encoder, self.cache, self.transform, self.settings)
         self.trained = False
 
@@ -202,11 +213,11 @@ class MomentumQueue(Callback):
     order, run_valid = 60, False
 
     def after_step(self) -> None:
-        get_model(self.learn.model).momentum_update()
+        _unwrap(self.learn.model).momentum_update()
 
     def after_batch(self) -> None:
         _, _, keys = self.learn.pred  # [B, D] this rank's keys
-        get_model(self.learn.model).enqueue(gather_keys(keys.detach()))
+        _unwrap(self.learn.model).enqueue(gather_keys(keys.detach()))
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -221,6 +232,7 @@ def pretrain_moco(cache: Cache, recipe: MocoRecipe, config: TrainConfig, run_roo
     SGD decays every trainable weight, biases and norms included, as MoCo's code does.
     """
     knn = knn or KnnSettings()
+    _check_batch(cache, split, recipe, config.batch_size)
     augment = moco_augment(cache, recipe, split)
     extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
              "normalise": [augment.mean, augment.std], "knn": dataclasses.asdict(knn),
@@ -236,6 +248,17 @@ def pretrain_moco(cache: Cache, recipe: MocoRecipe, config: TrainConfig, run_roo
                  batch_tfm=augment, cbs=[MomentumQueue(), KnnMonitor(cache, augment.plain, knn)],
                  param_groups=[{"params": trainable}], force=force, progress=progress)
     return PretrainedMoco(moco, result, augment, recipe, knn_start)
+
+
+def _check_batch(cache: Cache, split: str, recipe: MocoRecipe, batch_size: int) -> None:
+    """Refuse, before any training, what would fail at the first step."""
+    images = len(cache.split_indices(split))
+    if images < batch_size:
+        raise ValueError(f"{cache.path}: split {split!r} has {images} images, fewer than one "
+                         f"batch of {batch_size} (MoCo drops incomplete batches)")
+    if recipe.queue_size < batch_size:
+        raise ValueError(f"MocoRecipe.queue_size {recipe.queue_size} is smaller than the batch "
+                         f"of {batch_size}: the queue must hold at least one batch of keys")
 
 
 def save_backbone(pretrained: PretrainedMoco, path: str | Path) -> Path:

@@ -14,14 +14,7 @@ from cxr_lib.models.mae import build_mae, encoder_state_dict
 VIT = dict(img_size=32, patch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP threads spinning
-    against other processes (10x slower under load); the count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mae_encoder(in_chans: int = 1, img_size: int = 32, seed: int = 0):

@@ -32,14 +32,7 @@ RECIPE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, lay
 CONFIG = paper_config(epochs=2, warmup_epochs=1, batch_size=16, base_lr=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP threads spinning
-    against other processes (10x slower under load); the count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

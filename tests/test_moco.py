@@ -2,6 +2,7 @@
 two-view augmentation, the kNN monitor, exact resume, the run cache, the saved backbone and the
 command line. Tiny encoders and 32-px phantoms keep it fast on a CPU."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -276,6 +277,15 @@ def test_pretraining_trains_then_loads_the_finished_run(cache, tmp_path):
     missing, unexpected = net.load_state_dict(saved["model"], strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     assert torch.equal(net.conv1[0].weight, first.moco.encoder_q.conv1[0].weight)
+
+
+def test_pretraining_refuses_a_batch_larger_than_the_split_or_the_queue(cache, tmp_path):
+    with pytest.raises(ValueError, match=r"phantom-32: split 'train' has \d+ images, fewer"):
+        pretrain_moco(cache, RECIPE, moco_config(1, 512), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="queue_size 16 is smaller than the batch of 32"):
+        pretrain_moco(cache, dataclasses.replace(RECIPE, queue_size=16), moco_config(1, 32),
+                      tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # nothing was started
 
 
 def test_a_densenet_backbone_keeps_timms_names():
