@@ -5,7 +5,6 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import FinetuneRecipe, paper_config
@@ -17,14 +16,7 @@ BASE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8,
 CONFIG = paper_config(epochs=1, warmup_epochs=0, batch_size=16, base_lr=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP threads spinning
-    against other processes; the count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
