@@ -38,10 +38,10 @@ from cxr_lib.train import (
     EpochMetric,
     RunResult,
     TrainConfig,
-    _unwrap,
     fit,
     mean_auc,
     model_loss,
+    unwrap_model,
 )
 
 
@@ -200,7 +200,7 @@ class KnnMonitor(EpochMetric):
         epoch, last = self.learn.epoch + 1, self.learn.epoch == self.learn.n_epoch - 1
         self.value = math.nan
         if self.trained and (last or epoch % self.settings.every == 0):
-            encoder = _unwrap(self.learn.model).encoder_q
+            encoder = unwrap_model(self.learn.model).encoder_q
             self.value = knn_evaluate(encoder, self.cache, self.transform, self.settings)
         self.trained = False
 
@@ -213,11 +213,11 @@ class MomentumQueue(Callback):
     order, run_valid = 60, False
 
     def after_step(self) -> None:
-        _unwrap(self.learn.model).momentum_update()
+        unwrap_model(self.learn.model).momentum_update()
 
     def after_batch(self) -> None:
         _, _, keys = self.learn.pred  # [B, D] this rank's keys
-        _unwrap(self.learn.model).enqueue(gather_keys(keys.detach()))
+        unwrap_model(self.learn.model).enqueue(gather_keys(keys.detach()))
 
 
 # ----------------------------------------------------------------------------- pre-training

@@ -377,10 +377,10 @@ class _DDP(Callback):
         self.learn.model = DistributedDataParallel(self.learn.model, device_ids=ids)
 
     def after_fit(self) -> None:
-        self.learn.model = _unwrap(self.learn.model)
+        self.learn.model = unwrap_model(self.learn.model)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The module itself, inside any `torch.compile` and DistributedDataParallel wrappers: its
     state dict has the plain keys that checkpoints use."""
     while True:
@@ -405,7 +405,7 @@ def compile_or_eager(model: nn.Module, trial: Callable[[nn.Module], Any]
     queue) and the random streams are left as they were, and a training run stays exactly
     the run it would have been. The copy's kernels are cached, so the real compile is quick.
     """
-    probe = copy.deepcopy(_unwrap(model))
+    probe = copy.deepcopy(unwrap_model(model))
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -457,7 +457,7 @@ class _Compile(Callback):
         self.learn.model = self.eager
 
     def after_fit(self) -> None:
-        self.learn.model = _unwrap(self.eager)
+        self.learn.model = unwrap_model(self.eager)
 
 
 def _is_cnn(model: nn.Module) -> bool:
@@ -719,7 +719,7 @@ class _Recorder(Callback):
         if s.best is None or sign * row[name] > sign * s.best:
             s.best, s.best_epoch = row[name], row["epoch"]
             if self.writer:
-                runs.atomic_save({"model": _unwrap(self.learn.model).state_dict(),
+                runs.atomic_save({"model": unwrap_model(self.learn.model).state_dict(),
                                   "epoch": row["epoch"], name: row[name]}, self.path / runs.BEST)
 
     def _save(self, end_of_epoch: bool) -> None:
@@ -736,7 +736,7 @@ class _Recorder(Callback):
         rng = _gather(rng_state())
         epoch_rng = rng if end_of_epoch else _gather(self.batches.rng_at_start)
         if self.writer:
-            runs.atomic_save({"model": _unwrap(self.learn.model).state_dict(),
+            runs.atomic_save({"model": unwrap_model(self.learn.model).state_dict(),
                               "opt": self.learn.opt.state_dict(), "state": s.to_dict(),
                               "rng": rng, "epoch_rng": epoch_rng}, self.path / runs.CHECKPOINT)
         self.saved_step = s.step
@@ -891,7 +891,7 @@ def _load_weights(model: torch.nn.Module, path: Path, config: TrainConfig) -> No
     best = path / runs.BEST
     file = best if config.keep_best and best.exists() else path / runs.CHECKPOINT
     state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    _unwrap(model).load_state_dict(state["model"])
+    unwrap_model(model).load_state_dict(state["model"])
 
 
 def _replay(ckpt: dict | None, rank: int, world: int) -> _Replay | None:
@@ -989,7 +989,7 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
                     wd=None, cbs=[*engine, *cbs], path=path, default_cbs=False)
     learn.create_opt()
     if ckpt:
-        _unwrap(model).load_state_dict(ckpt["model"])
+        unwrap_model(model).load_state_dict(ckpt["model"])
         learn.opt.load_state_dict(ckpt["opt"])
     try:
         with cudnn_benchmark(cnn_fast_path(config.cudnn_benchmark, model, device)):
