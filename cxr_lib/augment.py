@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from cxr_lib.randaugment import affine_matrix, warp
+
 Stat = float | Sequence[float]
 
 
@@ -105,6 +107,19 @@ def hflip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -
     return torch.where(flip, x.flip(-1), x)  # [B, C, H, W]
 
 
+def random_rotate(x: Tensor, degrees: float, fill: float,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Rotate each image about its centre by an angle uniform in [-degrees, degrees]
+    (torchvision's RandomRotation), bilinear, `fill` outside; the dtype is kept."""
+    _check_batch(x)
+    angles = torch.empty(x.shape[0]).uniform_(-degrees, degrees, generator=generator)  # [B]
+    matrices = affine_matrix("Rotate", angles, x.shape[2], x.shape[3])  # [B, 3, 3]
+    out = warp(x.float(), matrices, fill)  # [B, C, H, W]
+    if x.dtype == torch.uint8:
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def to_float(x_u8: Tensor, mean: Stat, std: Stat, channels: int = 1) -> Tensor:
     """uint8 [B, 1, H, W] -> float [B, channels, H, W]: scale to 0..1, then (x - mean) / std.
 
@@ -147,6 +162,13 @@ def pixel_stats(images_u8: np.ndarray | Tensor, max_images: int = 1000) -> tuple
     mean = float((hist * levels).sum() / hist.sum())
     var = float((hist * (levels - mean) ** 2).sum() / hist.sum())
     return mean, var**0.5
+
+
+def spread_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` of `rows`, evenly spaced: statistics of a split that see every part of
+    it (a merged cache holds its sources one after another), without reading all of it."""
+    return rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), count)).round()
+                          .astype(int))]
 
 
 def _check_batch(x: Tensor) -> None:

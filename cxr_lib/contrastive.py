@@ -27,7 +27,7 @@ from fastai.torch_core import default_device
 from torch import Tensor, nn
 
 from cxr_lib import runs
-from cxr_lib.augment import pixel_stats
+from cxr_lib.augment import pixel_stats, spread_rows
 from cxr_lib.augment_views import MocoAugment
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
@@ -115,8 +115,7 @@ def moco_config(epochs: int, batch_size: int, *, base_lr: float = 0.03,
 def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train",
                  stats_images: int = 1000) -> MocoAugment:
     """The recipe's two-view augmentation, normalised with the training images' statistics."""
-    rows = cache.split_indices(split)[:stats_images]
-    mean, std = pixel_stats(cache.images[rows])
+    mean, std = pixel_stats(cache.images[spread_rows(cache.split_indices(split), stats_images)])
     return MocoAugment(recipe.img_size, scale=recipe.crop_scale, brightness=recipe.brightness,
                        contrast=recipe.contrast, jitter_p=recipe.jitter_p,
                        blur_sigma=recipe.blur_sigma, blur_p=recipe.blur_p,

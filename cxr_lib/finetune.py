@@ -37,7 +37,15 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from cxr_lib import runs
-from cxr_lib.augment import center_resize, hflip, pixel_stats, random_resized_crop, to_float
+from cxr_lib.augment import (
+    center_resize,
+    hflip,
+    pixel_stats,
+    random_resized_crop,
+    random_rotate,
+    spread_rows,
+    to_float,
+)
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.models.classifier import build_classifier, imagenet_weights, is_vit, timm_name
@@ -65,16 +73,22 @@ class FinetuneRecipe:
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0: off
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    rotation: float = 0.0  # random rotation of up to this many degrees (MedTransformer: 30)
+    # Pixel mean and std (0..1) to normalise with; None: those of the fine-tuning images.
+    # MedTransformer reuses the statistics of its pre-training mix.
+    normalise: tuple[float, float] | None = None
     train_fraction: float = 1.0  # share of the training patients whose labels are used
 
     def __post_init__(self) -> None:
         """Numbers as floats, so 6 and 6.0 (a YAML int, a default float) name the same run."""
         for name in ("layer_decay", "drop_path", "randaug_magnitude", "mixup", "cutmix",
-                     "train_fraction"):
+                     "rotation", "train_fraction"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        if self.normalise is not None:
+            object.__setattr__(self, "normalise", tuple(float(v) for v in self.normalise))
         if self.weights is not None:
             object.__setattr__(self, "weights", str(self.weights))
 
@@ -88,8 +102,11 @@ class FinetuneRecipe:
                              f"{self.model}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must lie in (0, 1], got {self.layer_decay}")
-        if min(self.mixup, self.cutmix, self.drop_path) < 0:
-            raise ValueError("mixup, cutmix and drop_path must be >= 0")
+        if min(self.mixup, self.cutmix, self.drop_path, self.rotation) < 0:
+            raise ValueError("mixup, cutmix, drop_path and rotation must be >= 0")
+        if self.normalise is not None and not (len(self.normalise) == 2
+                                               and self.normalise[1] > 0):
+            raise ValueError(f"normalise must be (mean, std > 0), got {self.normalise}")
 
 
 def paper_config(**changes) -> TrainConfig:
@@ -102,18 +119,22 @@ def paper_config(**changes) -> TrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneAugment:
-    """Training views: random-resized crop, flip, RandAugment on uint8 (batched), normalise."""
+    """Training views: random-resized crop, flip, rotation, RandAugment on uint8 (batched),
+    normalise."""
 
     size: int
     scale: tuple[float, float]
     mean: float
     std: float
     randaug: RandAugment | None = None
+    rotation: float = 0.0
 
     def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """uint8 [B, 1, H, W] -> float [B, 1, size, size], freshly augmented."""
         x = random_resized_crop(x_u8, self.size, self.scale, generator=generator)  # uint8
         x = hflip(x, 0.5, generator)  # [B, 1, S, S]
+        if self.rotation:
+            x = random_rotate(x, self.rotation, fill_level(self.mean), generator)
         if self.randaug is not None:
             x = self.randaug(x, generator)  # [B, 1, S, S] uint8
         return to_float(x, self.mean, self.std)
@@ -125,13 +146,18 @@ class FinetuneAugment:
 
 def finetune_augment(cache: Cache, recipe: FinetuneRecipe, split: str = "train",
                      stats_images: int = 1000) -> FinetuneAugment:
-    """The recipe's augmentation, normalised with the pixel statistics of the training images
-    (all of them, whatever share of labels is used: statistics need no labels)."""
-    rows = cache.split_indices(split)[:stats_images]
-    mean, std = (round(v, 4) for v in pixel_stats(cache.images[rows]))
+    """The recipe's augmentation, normalised with the recipe's statistics or else the pixel
+    statistics of the training images (all of them, whatever share of labels is used:
+    statistics need no labels)."""
+    if recipe.normalise is not None:
+        mean, std = recipe.normalise
+    else:
+        mean, std = (round(v, 4) for v in pixel_stats(cache.images[spread_rows(
+            cache.split_indices(split), stats_images)]))
     randaug = (None if recipe.randaug_magnitude is None
                else RandAugment(magnitude=recipe.randaug_magnitude, fill=fill_level(mean)))
-    return FinetuneAugment(recipe.img_size, tuple(recipe.crop_scale), mean, std, randaug)
+    return FinetuneAugment(recipe.img_size, tuple(recipe.crop_scale), mean, std, randaug,
+                           recipe.rotation)
 
 
 def label_subset(cache: Cache, fraction: float, seed: int, split: str = "train") -> np.ndarray:

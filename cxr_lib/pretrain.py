@@ -7,6 +7,7 @@ Chapter 2 and `cxr pretrain mae` both call `pretrain_mae`; the run goes through 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from fastai.torch_core import default_device
 
 from cxr_lib import runs
-from cxr_lib.augment import MaeAugment, pixel_stats
+from cxr_lib.augment import MaeAugment, pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.models.mae import MaskedAutoencoder, build_mae, encoder_state_dict
@@ -68,27 +69,41 @@ def cache_identity(cache: Cache) -> dict:
 
 
 def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",
-                stats_images: int = 1000) -> MaeAugment:
-    """Crop/flip of the recipe, normalised with pixel statistics of the training images."""
-    rows = cache.split_indices(split)[:stats_images]
-    mean, std = pixel_stats(cache.images[rows])
+                stats_images: int = 1000,
+                normalise: tuple[float, float] | None = None) -> MaeAugment:
+    """Crop/flip of the recipe, normalised with `normalise` (mean, std in 0..1) or else the
+    pixel statistics of the training images."""
+    if normalise is None:
+        normalise = pixel_stats(cache.images[spread_rows(cache.split_indices(split),
+                                                         stats_images)])
+    mean, std = normalise
     return MaeAugment(recipe.img_size, scale=recipe.crop_scale, mean=round(mean, 4),
                       std=round(std, 4))
 
 
 def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root: str | Path,
-                 *, split: str = "train", resident: bool = False, force: bool = False,
-                 progress: bool = True) -> PretrainedMae:
-    """Pre-train an MAE on the `split` images of `cache` (or load the finished run)."""
-    augment = mae_augment(cache, recipe, split)
+                 *, split: str = "train", sample_weights: np.ndarray | None = None,
+                 normalise: tuple[float, float] | None = None, resident: bool = False,
+                 force: bool = False, progress: bool = True) -> PretrainedMae:
+    """Pre-train an MAE on the `split` images of `cache` (or load the finished run).
+
+    `sample_weights` (one per row of the split, cache order) draw each epoch's images with
+    replacement, as a data mix does (`cxr_lib.cocktail`); `normalise` overrides the pixel
+    statistics. Both are part of the run's identity.
+    """
+    augment = mae_augment(cache, recipe, split, normalise=normalise)
     extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
              "normalise": [augment.mean, augment.std], **config.extra}
+    if sample_weights is not None:
+        weights = np.asarray(sample_weights, dtype=np.float64)
+        extra["sample_weights"] = hashlib.sha256(weights.tobytes()).hexdigest()[:16]
     config = dataclasses.replace(config, extra=extra)
     torch.manual_seed(config.seed)  # the initial weights are part of the run
     mae = recipe.build()
     batches = CacheBatches(cache, split, config.batch_size, shuffle=True, seed=config.seed,
                            drop_last=len(cache.split_indices(split)) >= config.batch_size,
-                           device=default_device(), resident=resident)
+                           device=default_device(), resident=resident,
+                           sample_weights=sample_weights)
     result = fit(mae, batches, None, config, run_root, "mae", loss_func=model_loss,
                  batch_tfm=augment, force=force, progress=progress)
     return PretrainedMae(mae, result, augment, recipe)

@@ -64,15 +64,23 @@ class CacheBatches:
 
     `indices` are kept sorted (cache order); with shuffle=False a pass yields them in that
     order, so predictions line up with `indices`. Duplicates are refused.
+
+    `sample_weights` (one per row of `indices`, in the order given) make each pass a draw with
+    replacement of as many rows, row i with probability w_i / sum(w): a data mix with
+    per-source shares (`cxr_lib.cocktail`). Each pass draws anew from (seed, epoch).
     """
 
     def __init__(self, cache: Cache, indices: Indices, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu",
-                 resident: bool = False) -> None:
+                 resident: bool = False, sample_weights: np.ndarray | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cache = cache
-        self.indices = np.sort(_check_indices(cache, indices))
+        rows = _check_indices(cache, indices)
+        order = np.argsort(rows, kind="stable")
+        self.indices = rows[order]
+        self.probabilities = (None if sample_weights is None
+                              else _probabilities(sample_weights, len(rows), shuffle)[order])
         self.batch_size, self.shuffle, self.seed, self.drop_last = (
             batch_size, shuffle, seed, drop_last)
         self.device = torch.device(device)
@@ -92,8 +100,11 @@ class CacheBatches:
         """Positions into `indices` of each batch of a pass (default: the next one), sorted."""
         epoch = self.epoch if epoch is None else epoch
         n, b = len(self.indices), self.batch_size
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.probabilities is not None:
+            order = rng.choice(n, size=n, p=self.probabilities)
+        else:
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
         return [np.sort(order[i:i + b])[self.rank::self.world] for i in range(0, len(self) * b, b)]
 
     def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
@@ -167,6 +178,19 @@ def _upload(cache: Cache, rows: np.ndarray, device: torch.device,
         images[i:i + len(block), 0] = torch.from_numpy(block).to(device)
     labels = torch.from_numpy(cache.labels[rows]).to(device)  # [n, F]
     return images, labels
+
+
+def _probabilities(weights: np.ndarray, n: int, shuffle: bool) -> np.ndarray:
+    """Draw probabilities [n] from non-negative weights; refused without shuffle (a fixed
+    order cannot follow a draw) or when they do not fit the rows."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if not shuffle:
+        raise ValueError("sample_weights draw rows at random: set shuffle=True")
+    if len(w) != n:
+        raise ValueError(f"sample_weights has {len(w)} values for {n} rows")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("sample_weights must be finite, non-negative and not all zero")
+    return w / w.sum()
 
 
 def _check_indices(cache: Cache, indices: Indices) -> np.ndarray:

@@ -1,0 +1,141 @@
+"""The cocktail: per-source shares hold over many draws, the mix's statistics, the presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr_lib.augment import pixel_stats, random_rotate
+from cxr_lib.cocktail import (
+    medtransformer_finetune_config,
+    medtransformer_finetune_recipe,
+    medtransformer_pretrain_config,
+    mix_stats,
+    row_weights,
+    source_shares,
+)
+from cxr_lib.data.cache import prepare_cache
+from cxr_lib.data.core import XrayDataset, merge
+from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.finetune import FinetuneRecipe, finetune_augment
+
+SIZE = 8
+# Source "dark" images are all 40, "bright" all 200 with a 20-px checker; sizes differ 4:1.
+COUNTS = {"dark": 40, "bright": 10}
+
+
+def draw(row: pd.Series) -> np.ndarray:
+    if row["source"] == "dark":
+        return np.full((SIZE, SIZE), 40, dtype=np.uint8)
+    checker = (np.indices((SIZE, SIZE)).sum(axis=0) % 2) * 20
+    return (200 + checker).astype(np.uint8)
+
+
+def source_dataset(source: str, n: int) -> XrayDataset:
+    meta = pd.DataFrame({
+        "id": [f"{source}/{i}" for i in range(n)],
+        "patient": [f"{source}{i}" for i in range(n)],
+        "split": ["val" if i % 10 == 9 else "train" for i in range(n)],
+        "source": source,
+        "path": "",
+    })
+    labels = np.zeros((n, 1), dtype=np.float32)
+    return XrayDataset(source, ["Pneumonia"], labels, meta, {source: draw})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    ds = merge([source_dataset(s, n) for s, n in COUNTS.items()], name="mix")
+    return prepare_cache(ds, tmp_path_factory.mktemp("mix") / "c", size=SIZE, workers=1,
+                         progress=False)
+
+
+def test_shares_hold_over_many_draws_whatever_the_source_sizes(cache):
+    weights = {"dark": 1.0, "bright": 1.0}  # equal shares, though dark has 4x the images
+    batches = CacheBatches(cache, "train", 16, shuffle=True, seed=3,
+                           sample_weights=row_weights(cache, weights))
+    sources = cache.index["source"].to_numpy()
+    drawn = np.concatenate([np.concatenate(batches.batch_indices(epoch)) for epoch in range(200)])
+    share = (sources[drawn] == "bright").mean()
+    assert len(drawn) == 200 * 45  # each pass draws as many rows as the split holds
+    assert share == pytest.approx(0.5, abs=0.02)  # 9,000 draws: the sd of the share is 0.005
+    # Passes differ (a fresh draw per epoch) and repeat under the same seed.
+    assert not np.array_equal(batches.batch_indices(0)[0], batches.batch_indices(1)[0])
+    again = CacheBatches(cache, "train", 16, shuffle=True, seed=3,
+                         sample_weights=row_weights(cache, weights))
+    assert np.array_equal(np.concatenate(again.batch_indices(5)),
+                          np.concatenate(batches.batch_indices(5)))
+
+
+def test_a_zero_weight_leaves_a_source_out_and_shares_follow_the_weights(cache):
+    assert source_shares(cache, {"dark": 3, "bright": 1}) == {"bright": 0.25, "dark": 0.75}
+    weights = row_weights(cache, {"dark": 1, "bright": 0})
+    batches = CacheBatches(cache, "train", 8, shuffle=True, sample_weights=weights)
+    drawn = np.concatenate(batches.batch_indices(0))
+    assert set(cache.index["source"].to_numpy()[drawn]) == {"dark"}
+    assert weights.sum() == pytest.approx(1.0)
+
+
+def test_weights_must_name_exactly_the_sources(cache):
+    with pytest.raises(ValueError, match=r"unknown \['brigth'\], missing \['bright'\]"):
+        row_weights(cache, {"dark": 1, "brigth": 1})
+    with pytest.raises(ValueError, match="not all zero"):
+        source_shares(cache, {"dark": 0, "bright": 0})
+    with pytest.raises(ValueError, match="shuffle=True"):
+        CacheBatches(cache, "train", 8, sample_weights=row_weights(cache, {"dark": 1,
+                                                                           "bright": 1}))
+    with pytest.raises(ValueError, match="3 values for 45 rows"):
+        CacheBatches(cache, "train", 8, shuffle=True, sample_weights=np.ones(3))
+
+
+def test_mix_statistics_follow_the_shares_not_the_image_counts(cache):
+    mean, std = mix_stats(cache, {"dark": 1, "bright": 1})
+    dark, bright = 40 / 255, 210 / 255  # bright: half its pixels 200, half 220
+    assert mean == pytest.approx((dark + bright) / 2, abs=1e-6)
+    spread_bright = 10 / 255
+    var = 0.5 * (dark**2) + 0.5 * (bright**2 + spread_bright**2) - mean**2
+    assert std == pytest.approx(var**0.5, abs=1e-6)
+    # Shares proportional to the counts give the statistics of the pooled images.
+    pooled = pixel_stats(cache.images[cache.split_indices("train")])
+    assert mix_stats(cache, {"dark": 36, "bright": 9}) == pytest.approx(pooled, abs=1e-6)
+
+
+def test_finetuning_reuses_given_statistics_and_rotates(cache):
+    recipe = FinetuneRecipe(model="densenet121", layer_decay=None, drop_path=0.0,
+                            randaug_magnitude=None, img_size=SIZE, normalise=(0.3, 0.2),
+                            rotation=30)
+    augment = finetune_augment(cache, recipe)
+    assert (augment.mean, augment.std, augment.rotation) == (0.3, 0.2, 30.0)
+    own = finetune_augment(cache, FinetuneRecipe(model="densenet121", layer_decay=None,
+                                                 drop_path=0.0, img_size=SIZE))
+    assert own.mean == pytest.approx(pixel_stats(cache.images[cache.split_indices("train")])[0],
+                                     abs=1e-4)
+    with pytest.raises(ValueError, match="normalise"):
+        FinetuneRecipe(model="densenet121", layer_decay=None, normalise=(0.5, 0.0)).check()
+
+
+def test_rotation_turns_each_image_within_the_range():
+    x = torch.zeros(64, 1, 33, 33, dtype=torch.uint8)
+    x[:, :, 16, 16:] = 255  # a ray from the centre to the right edge
+    out = random_rotate(x, 30.0, fill=0, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    ys, xs = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
+    w = out[:, 0].float()  # [B, H, W]
+    angle = torch.rad2deg(torch.atan2((w * ys).sum((1, 2)), (w * xs).sum((1, 2))))  # [B]
+    assert angle.abs().max() <= 31  # within +-30 degrees (plus interpolation)
+    assert angle.abs().max() > 20 and angle.std() > 8  # and spread over the range
+    assert torch.equal(random_rotate(x, 0.0, fill=0), x)
+
+
+def test_presets_are_medtransformers_recipes():
+    pre = medtransformer_pretrain_config(epochs=3)
+    assert (pre.optimizer, pre.schedule, pre.batch_size, pre.epochs) == ("adam", "one_cycle",
+                                                                         64, 3)
+    assert pre.lr == pytest.approx(1e-4)
+    fine = medtransformer_finetune_config()
+    assert (fine.epochs, fine.batch_size, fine.weight_decay) == (10, 64, 1e-8)
+    assert fine.lr == pytest.approx(1e-4) and fine.optimizer == "adam"
+    recipe = medtransformer_finetune_recipe(init="mae", weights="enc.pt")
+    assert (recipe.rotation, recipe.randaug_magnitude, recipe.layer_decay) == (30.0, None, None)
