@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from cxr_lib.data.core import FINDINGS, DataError
+from cxr_lib.data.core import FINDINGS, DataError, merge
 from cxr_lib.data.phantoms import (
     DEFAULT_PREVALENCE,
     DRAWN,
@@ -299,3 +299,14 @@ def test_learnable_by_a_small_cnn_but_not_by_a_linear_model():
     assert cnn > 0.72, f"the CNN does not learn the phantoms (mean AUC {cnn:.3f})"
     assert linear > 0.55, f"not even a linear model finds any signal ({linear:.3f})"
     assert cnn - linear > 0.07, f"linear {linear:.3f} is as good as the CNN {cnn:.3f}"
+
+
+def test_two_phantom_sets_of_other_names_merge_and_render_their_own_sizes():
+    sharp = phantom_dataset(6, size=32, seed=1)
+    blurry = phantom_dataset(4, size=16, seed=2, name="phantom-lowres")
+    both = merge([sharp, blurry], name="two makes")
+    assert sorted(both.meta["source"].unique()) == ["phantom", "phantom-lowres"]
+    assert both.meta["id"].is_unique and len(both) == 10
+    assert both.load_image(0).shape == (32, 32)
+    assert both.load_image(9).shape == (16, 16)
+    both.check_patient_disjoint()

@@ -653,12 +653,13 @@ def _splits(patients: pd.Series, config: PhantomConfig, seed: int) -> np.ndarray
 
 
 def phantom_dataset(n: int, *, size: int | None = None, seed: int = 0,
-                    config: PhantomConfig | None = None) -> XrayDataset:
-    """n phantoms as an XrayDataset (source and name "phantom") over the 14 FINDINGS.
+                    config: PhantomConfig | None = None, name: str = SOURCE) -> XrayDataset:
+    """n phantoms as an XrayDataset (source and name `name`) over the 14 FINDINGS.
 
     Findings a phantom does not draw are labelled 0, not NaN: they are known to be absent.
     `size` overrides config.size. Images are rendered lazily by `load_phantom_row`, so the
-    data set is small and pickles for worker processes.
+    data set is small and pickles for worker processes. Another `name` gives other ids and
+    source, so two phantom sets (say, of two sizes) can be merged.
     """
     config = config or PhantomConfig()
     size = config.size if size is None else size
@@ -670,13 +671,13 @@ def phantom_dataset(n: int, *, size: int | None = None, seed: int = 0,
     patient_seed = (np.int64(seed) << _PATIENT_BITS) + patient
     names = ["|".join(np.asarray(FINDINGS)[row > 0]) or "No Finding" for row in labels]
     meta = pd.DataFrame({
-        "id": [f"phantom_{i:06d}" for i in range(n)],
-        "patient": [f"phantom_p{p:06d}" for p in patient],
-        "source": SOURCE,
+        "id": [f"{name}_{i:06d}" for i in range(n)],
+        "patient": [f"{name}_p{p:06d}" for p in patient],
+        "source": name,
         "path": "",
         "phantom_seed": (patient_seed << VISIT_BITS) + visit,
         "finding_labels": names,
         "size": size,
     })
     meta.insert(2, "split", _splits(meta["patient"], config, seed))
-    return XrayDataset(SOURCE, list(FINDINGS), labels, meta, {SOURCE: load_phantom_row})
+    return XrayDataset(name, list(FINDINGS), labels, meta, {name: load_phantom_row})
