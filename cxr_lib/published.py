@@ -1,7 +1,8 @@
 """Published results, shown beside ours and always labelled as theirs.
 
 Mean ROC AUC (%) over the 14 findings on the official ChestX-ray14 test split, as the papers
-report them; none of these numbers was computed by this project.
+report them; none of these numbers was computed by this project. MedTransformer's evaluation
+script (github.com/GiilDe/med-hiera) averages 15 labels: the 14 findings and "No Finding".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _ROWS = [
     ("Xiao et al. 2023", "DenseNet-121", "ImageNet, supervised", 82.2),
     ("Xiao et al. 2023", "DenseNet-121", "X-ray MoCo v2", 80.6),
     ("Xiao et al. 2023", "DenseNet-121", "X-ray MAE", 81.2),
-    ("Levin and Deutsch (MedTransformer)", "Hiera", "ImageNet, then cocktail MAE", 81.6),
+    ("Deutch and Levin (MedTransformer)", "Hiera", "ImageNet, then cocktail MAE", 81.6),
 ]
 
 
