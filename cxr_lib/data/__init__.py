@@ -24,8 +24,8 @@ __all__ = [
 
 def open_source(source: str, root=None, *, val_fraction: float = 0.1, seed: int = 0,
                 count: int = 1000, size: int = 128) -> XrayDataset:
-    """Open a data source by name: 'chestxray14' or 'folder' (read from `root`), or 'phantom'
-    (`count` synthetic images of `size` pixels; `root` unused)."""
+    """Open a data source by name: 'chestxray14', 'folder', 'chexpert' or 'covid19_radiography'
+    (read from `root`), or 'phantom' (`count` synthetic images of `size` pixels; `root` unused)."""
     if source == "chestxray14":
         from cxr_lib.data.nih import read_chestxray14
 
@@ -34,8 +34,17 @@ def open_source(source: str, root=None, *, val_fraction: float = 0.1, seed: int 
         from cxr_lib.data.folder import read_class_folders
 
         return read_class_folders(root, val_fraction=val_fraction, seed=seed)
+    if source == "chexpert":
+        from cxr_lib.data.chexpert import read_chexpert
+
+        return read_chexpert(root, val_fraction=val_fraction, seed=seed)
+    if source == "covid19_radiography":
+        from cxr_lib.data.covid import read_covid_radiography
+
+        return read_covid_radiography(root, val_fraction=val_fraction, seed=seed)
     if source == "phantom":
         from cxr_lib.data.phantoms import phantom_dataset
 
         return phantom_dataset(count, size=size, seed=seed)
-    raise DataError(f"unknown source {source!r}: expected chestxray14, folder or phantom")
+    raise DataError(f"unknown source {source!r}: expected chestxray14, folder, chexpert, "
+                    "covid19_radiography or phantom")
