@@ -13,13 +13,61 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from cxr_lib.augment import pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
+from cxr_lib.data.chexpert import read_chexpert
+from cxr_lib.data.core import XrayDataset
+from cxr_lib.data.covid import read_covid_radiography
+from cxr_lib.data.folder import read_class_folders
+from cxr_lib.data.phantoms import SOURCE as PHANTOM
+from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import FinetuneRecipe
 from cxr_lib.train import TrainConfig
+
+LOWRES = "phantom-lowres"
+
+
+def cocktail_sources(chest: XrayDataset, *, pediatric_root: str | Path | None = None,
+                     chexpert_root: str | Path | None = None,
+                     covid_root: str | Path | None = None, n_phantoms: int = 1000,
+                     phantom_size: int = 128, seed: int = 0) -> list[XrayDataset]:
+    """The chest set first, then every other source given, then a synthetic other domain.
+
+    Real sources: the pediatric pneumonia folders, CheXpert, the COVID-19 Radiography Database.
+    The synthetic domain is phantoms when the chest set is real; when the chest set is itself
+    phantoms, it is phantoms drawn at a quarter of the resolution and enlarged by the cache (a
+    blurrier "scanner"), so the mix always holds a second domain.
+    """
+    sources = [chest]
+    if pediatric_root:
+        sources.append(read_class_folders(pediatric_root, seed=seed, name="pediatric"))
+    if chexpert_root:
+        sources.append(read_chexpert(chexpert_root, seed=seed))
+    if covid_root:
+        sources.append(read_covid_radiography(covid_root, seed=seed))
+    if PHANTOM in chest.meta["source"].to_numpy():
+        sources.append(phantom_dataset(n_phantoms, size=max(16, phantom_size // 4),
+                                       seed=seed + 1, name=LOWRES))
+    else:
+        sources.append(phantom_dataset(n_phantoms, size=phantom_size, seed=seed))
+    return sources
+
+
+def chest_share_weights(sources: list[str], chest: str, chest_share: float
+                        ) -> dict[str, float]:
+    """Weights giving `chest` that share of the draws and the other sources equal parts of the
+    rest (chest_share 1: the chest images alone)."""
+    if not 0 < chest_share <= 1:
+        raise ValueError(f"chest_share must lie in (0, 1], got {chest_share}")
+    if chest not in sources:
+        raise ValueError(f"chest source {chest!r} is not among {sources}")
+    others = [s for s in sources if s != chest]
+    rest = (1 - chest_share) / len(others) if others else 0.0
+    return {s: chest_share if s == chest else rest for s in sources}
 
 
 def source_shares(cache: Cache, weights: Mapping[str, float], split: str = "train"

@@ -9,6 +9,8 @@ import torch
 
 from cxr_lib.augment import pixel_stats, random_rotate
 from cxr_lib.cocktail import (
+    chest_share_weights,
+    cocktail_sources,
     medtransformer_finetune_config,
     medtransformer_finetune_recipe,
     medtransformer_pretrain_config,
@@ -17,8 +19,9 @@ from cxr_lib.cocktail import (
     source_shares,
 )
 from cxr_lib.data.cache import prepare_cache
-from cxr_lib.data.core import XrayDataset, merge
+from cxr_lib.data.core import FINDINGS, XrayDataset, merge
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import FinetuneRecipe, finetune_augment
 
 SIZE = 8
@@ -139,3 +142,31 @@ def test_presets_are_medtransformers_recipes():
     assert fine.lr == pytest.approx(1e-4) and fine.optimizer == "adam"
     recipe = medtransformer_finetune_recipe(init="mae", weights="enc.pt")
     assert (recipe.rotation, recipe.randaug_magnitude, recipe.layer_decay) == (30.0, None, None)
+
+
+def test_the_cocktail_always_holds_a_second_domain(tmp_path):
+    from PIL import Image
+
+    for cls, name in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_virus_1.jpeg")):
+        folder = tmp_path / "kids" / "train" / cls
+        folder.mkdir(parents=True)
+        Image.new("L", (20, 20), 90).save(folder / name)
+    chest = phantom_dataset(12, size=32, seed=0)
+    alone = cocktail_sources(chest, n_phantoms=8, phantom_size=32)
+    assert [s.name for s in alone] == ["phantom", "phantom-lowres"]
+    assert alone[1].load_image(0).shape == (16, 16)  # a quarter of 32, at least 16
+    with_kids = cocktail_sources(chest, pediatric_root=tmp_path / "kids", n_phantoms=8,
+                                 phantom_size=32)
+    assert [s.name for s in with_kids] == ["phantom", "pediatric", "phantom-lowres"]
+    merged = merge(with_kids)
+    assert merged.labels[merged.meta["source"] == "pediatric"][:, FINDINGS.index(
+        "Pneumonia")].tolist() == [0.0, 1.0]
+
+
+def test_chest_share_weights_split_the_rest_evenly():
+    assert chest_share_weights(["a", "b", "c"], "a", 0.5) == {"a": 0.5, "b": 0.25, "c": 0.25}
+    assert chest_share_weights(["a", "b"], "a", 1.0) == {"a": 1.0, "b": 0.0}
+    with pytest.raises(ValueError, match="chest_share"):
+        chest_share_weights(["a", "b"], "a", 0.0)
+    with pytest.raises(ValueError, match="not among"):
+        chest_share_weights(["a", "b"], "x", 0.5)
