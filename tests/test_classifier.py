@@ -6,9 +6,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.models.hiera import Hiera
 
 from cxr_lib.models import classifier
 from cxr_lib.models.classifier import WeightsUnavailable, build_classifier, imagenet_weights
+from cxr_lib.models.hiera_mae import build_hiera_mae
 from cxr_lib.models.mae import build_mae, encoder_state_dict
 
 VIT = dict(img_size=32, patch_size=8)
@@ -159,3 +161,55 @@ def test_bad_starts_and_files_are_refused_with_the_reason_and_the_file(tmp_path)
     torch.save({"model": narrow.state_dict()}, wrong)
     with pytest.raises(ValueError, match=r"vit_narrow.pt: tensors of another shape.*blocks\.0"):
         build_classifier("vit_tiny_patch16", init="mae", weights=wrong, **VIT)
+
+
+HIERA_HEAD = ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
+
+
+def test_hiera_random_start_is_timms_hiera_shaped_for_the_image_size():
+    net, report = build_classifier("hiera_tiny", img_size=64, drop_path=0.1)
+    assert isinstance(net, Hiera) and report.loaded == []
+    assert net.patch_embed.proj.weight.shape == (96, 1, 7, 7)
+    assert net.mask_spatial_shape == [4, 4] and net.q_pool == 2  # hiera_kwargs(64)
+    assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert forward(net, 64).shape == (2, 14)
+    assert classifier.timm_name("hiera_small") == "hiera_small_224"
+    assert classifier.supports_layer_decay("hiera_base_224")
+    assert classifier.supports_layer_decay("vit_tiny_patch16")
+    assert not classifier.supports_layer_decay("densenet121")
+    with pytest.raises(ValueError, match="patch_size must be None or 4"):
+        build_classifier("hiera_tiny", img_size=64, patch_size=16)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        build_classifier("hiera_tiny", img_size=100)
+
+
+def test_released_hiera_mae_in_the_official_layout_drops_its_decoder_side(tmp_path):
+    """facebookresearch/hiera layout: {"model_state": MAE}, RGB, another image size: fusion
+    heads, encoder_norm and decoder go; the first conv is summed to one channel and the
+    learned position table resampled to the classifier's grid."""
+    torch.manual_seed(0)
+    mae = build_hiera_mae("hiera_tiny", img_size=128, in_chans=3, decoder_dim=32,
+                          decoder_depth=1, decoder_heads=2)
+    path = tmp_path / "mae_hiera_tiny_224.pth"
+    torch.save({"model_state": mae.state_dict(), "epoch": 400}, path)
+    net, report = build_classifier("hiera_tiny", init="mae", weights=path, img_size=64)
+    assert sorted(report.adapted) == ["patch_embed.proj.weight", "pos_embed"]
+    assert report.unexpected == [] and sorted(report.missing) == HIERA_HEAD
+    assert torch.allclose(net.patch_embed.proj.weight, mae.patch_embed.proj.weight.sum(1, True))
+    assert net.pos_embed.shape == (1, 16 * 16, 96)
+    assert torch.equal(net.blocks[11].attn.proj.weight, mae.blocks[11].attn.proj.weight)
+
+
+def test_hiera_imagenet_file_in_the_official_layout_is_renamed_by_timms_filter(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("hiera_tiny_224", pretrained=False, img_size=(64, 64),
+                               mask_unit_size=(4, 4), q_pool=2, in_chans=1).state_dict()
+    official = {k.replace("head.norm.", "norm.").replace("head.fc.", "head.projection."): v
+                for k, v in source.items()}
+    path = tmp_path / "hiera_tiny_224.pth"
+    torch.save({"model_state": official}, path)
+    net, report = build_classifier("hiera_tiny", init="imagenet", weights=path, img_size=64)
+    assert sorted(report.missing) == ["head.fc.bias", "head.fc.weight"]  # 1000 classes dropped
+    assert report.unexpected == [] and report.adapted == []
+    assert torch.equal(net.head.norm.weight, source["head.norm.weight"])
+    assert forward(net, 64).shape == (2, 14)

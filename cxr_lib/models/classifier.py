@@ -1,4 +1,5 @@
-"""Classifiers to fine-tune: timm ViT-T/S/B, DenseNet-121 and ResNet-50, from any starting point.
+"""Classifiers to fine-tune: timm ViT-T/S/B, Hiera-T/S/B, DenseNet-121 and ResNet-50, from any
+starting point.
 
 `build_classifier` makes the timm model for grayscale X-rays (one input channel, 14 findings) and
 loads its starting weights, whatever layout they were saved in:
@@ -6,8 +7,9 @@ loads its starting weights, whatever layout they were saved in:
 - "random": timm's own initialisation;
 - "imagenet": timm's ImageNet weights, from a local file or the Hugging Face cache (nothing is
   downloaded while the study runs; without them `WeightsUnavailable` says the arm is skipped);
-- "mae": an encoder saved by `cxr_lib.pretrain.save_encoder`, or a released MAE checkpoint
-  (facebookresearch/mae or Xiao et al.: `{"model": encoder + decoder}`; the decoder is dropped);
+- "mae": an encoder saved by `cxr_lib.pretrain.save_encoder` or `HieraMae.encoder_state_dict`, a
+  whole MAE, or a released MAE checkpoint (facebookresearch/mae or Xiao et al.: `{"model":
+  encoder + decoder}`; facebookresearch/hiera: `{"model_state": ...}`); the decoder side goes;
 - "moco": a backbone saved with timm keys (`{"model": ...}`), or MoCo's released layout
   (`module.encoder_q.*`, projection head dropped);
 - "torchvision": DenseNet-121 / ResNet-50 weights in torchvision's layout, such as the X-ray
@@ -17,10 +19,14 @@ loads its starting weights, whatever layout they were saved in:
 Whatever the source: the classifier of the source is dropped, a 3-channel first convolution is
 summed to one channel (timm's `adapt_input_conv`), a ViT's patch kernel of another size is
 resampled (FlexiViT, timm) and its position table is regenerated when it is MAE's fixed sin-cos
-table, interpolated otherwise. A tensor whose shape still does not fit is an error naming the
-file: loading half a model silently is the worst outcome. ViTs pool the patch tokens (MAE's
-fine-tuning head: average, then a fresh LayerNorm), so a pre-trained final `norm` is reported
-unexpected, as in MAE's own fine-tuning; a loaded ViT's head starts at N(0, 2e-5), as there.
+table, interpolated otherwise (Hiera's learned table too, to the grid of `hiera_kwargs(img_size)`).
+Hiera files in the official layout get timm's `checkpoint_filter_fn` renames. A tensor whose
+shape still does not fit is an error naming the file: loading half a model silently is the worst
+outcome. ViTs pool the patch tokens (MAE's fine-tuning head: average, then a fresh LayerNorm), so
+a pre-trained final `norm` is reported unexpected, as in MAE's own fine-tuning; a loaded ViT's
+head starts at N(0, 2e-5), as there. Hiera's timm head (average, `head.norm`, `head.fc`) starts
+fresh from an MAE, with timm's Hiera initialisation. ViTs and Hiera take layer-wise LR decay
+(`supports_layer_decay`: timm's `param_groups_layer_decay` reads their `group_matcher`).
 """
 
 from __future__ import annotations
@@ -35,14 +41,17 @@ from huggingface_hub import constants, try_to_load_from_cache
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv, load_state_dict
 from timm.models.densenet import _filter_torchvision_pretrained
+from timm.models.hiera import Hiera, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from cxr_lib.models.hiera_mae import HIERA_PRESETS, PATCH_STRIDE, hiera_kwargs
 from cxr_lib.models.mae import PRESETS, LoadReport, is_decoder_key, sincos_pos_embed
 
 INITS = ("random", "imagenet", "mae", "moco", "torchvision")
 CNNS = ("densenet121", "resnet50")
 VITS = tuple(preset.timm_name for preset in PRESETS.values())
+HIERAS = tuple(HIERA_PRESETS.values())
 NEEDS_FILE = ("mae", "moco", "torchvision")
 
 
@@ -51,16 +60,22 @@ class WeightsUnavailable(RuntimeError):
 
 
 def timm_name(model: str) -> str:
-    """timm's name for `model`: an MAE preset (vit_small_patch16) or a timm name."""
-    name = PRESETS[model].timm_name if model in PRESETS else model
-    if name not in VITS + CNNS:
+    """timm's name for `model`: an MAE preset (vit_small_patch16, hiera_tiny) or a timm name."""
+    name = PRESETS[model].timm_name if model in PRESETS else HIERA_PRESETS.get(model, model)
+    if name not in VITS + HIERAS + CNNS:
         raise ValueError(f"unknown classifier {model!r}; expected one of "
-                         f"{sorted(PRESETS) + list(VITS + CNNS)}")
+                         f"{sorted(PRESETS) + sorted(HIERA_PRESETS) + list(VITS + HIERAS + CNNS)}")
     return name
 
 
 def is_vit(model: str) -> bool:
     return timm_name(model) in VITS
+
+
+def supports_layer_decay(model: str) -> bool:
+    """Whether timm's `param_groups_layer_decay` can give `model` one LR per block: ViTs and
+    Hiera (a block-wise `group_matcher`); the CNNs are left at one rate."""
+    return timm_name(model) in VITS + HIERAS
 
 
 def build_classifier(model: str, *, num_classes: int = 14, in_chans: int = 1,
@@ -69,12 +84,14 @@ def build_classifier(model: str, *, num_classes: int = 14, in_chans: int = 1,
                      ) -> tuple[nn.Module, LoadReport]:
     """A timm classifier started from `init` (see the module docstring) and what was loaded.
 
-    `img_size` and `patch_size` (default 16) shape a ViT; `drop_path` is the stochastic-depth
-    rate (ViT and ResNet; timm's DenseNet has none). `weights` is the file for "mae", "moco",
-    "torchvision", and optionally "imagenet" (timm layout); "random" takes none.
+    `img_size` and `patch_size` (default 16) shape a ViT; `img_size` shapes a Hiera through
+    `hiera_kwargs` (its patch stride is 4: `patch_size` None or 4); `drop_path` is the
+    stochastic-depth rate (ViT, Hiera and ResNet; timm's DenseNet has none). `weights` is the
+    file for "mae", "moco", "torchvision", and optionally "imagenet" (timm layout); "random"
+    takes none.
     """
     name = timm_name(model)
-    _check_start(name, init, weights, drop_path)
+    _check_start(name, init, weights, drop_path, patch_size)
     if init == "random":
         return _create(name, num_classes, in_chans, img_size, patch_size, drop_path), LoadReport()
     path = Path(weights) if weights is not None else imagenet_weights(name)
@@ -86,15 +103,26 @@ def build_classifier(model: str, *, num_classes: int = 14, in_chans: int = 1,
     return net, report
 
 
-def _check_start(name: str, init: str, weights: str | Path | None, drop_path: float) -> None:
+def load_start(net: nn.Module, init: str, weights: str | Path) -> LoadReport:
+    """Load the starting weights in `weights`, laid out as `init` names them, into a built timm
+    `net`: e.g. ImageNet Hiera weights into a `HieraMae` before continued MAE pre-training
+    (MedTransformer); the same fitting and checks as `build_classifier`."""
+    return load_weights(net, _source_layout(read_state_dict(weights), init, net), str(weights))
+
+
+def _check_start(name: str, init: str, weights: str | Path | None, drop_path: float,
+                 patch_size: int | None) -> None:
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
     if init in NEEDS_FILE and weights is None:
         raise ValueError(f"init={init!r} needs weights=<file> (the saved encoder or checkpoint)")
     if init == "random" and weights is not None:
         raise ValueError(f"init='random' takes no weights, got {weights}")
-    if init == "mae" and name not in VITS:
-        raise ValueError(f"init='mae' loads a ViT encoder; {name} is not a ViT")
+    if init == "mae" and name not in VITS + HIERAS:
+        raise ValueError(f"init='mae' loads a ViT or Hiera encoder; {name} is not a ViT or Hiera")
+    if name in HIERAS and patch_size not in (None, PATCH_STRIDE):
+        raise ValueError(f"{name} embeds {PATCH_STRIDE}-pixel patches; patch_size must be None "
+                         f"or {PATCH_STRIDE}, got {patch_size}")
     if init == "torchvision" and name not in CNNS:
         raise ValueError(f"init='torchvision' loads {CNNS}; {name} is not one of them")
     if drop_path and name == "densenet121":
@@ -107,6 +135,8 @@ def _create(name: str, num_classes: int, in_chans: int, img_size: int, patch_siz
     if name in VITS:
         kwargs.update(img_size=img_size, patch_size=patch_size or 16, global_pool="avg",
                       drop_path_rate=drop_path)
+    elif name in HIERAS:
+        kwargs.update(hiera_kwargs(img_size), drop_path_rate=drop_path)
     elif drop_path:
         kwargs["drop_path_rate"] = drop_path
     return timm.create_model(name, **kwargs)
@@ -141,7 +171,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as err:
         raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    tensors = ({k: v for k, v in state.items() if torch.is_tensor(v)}
+    if isinstance(state, Mapping) and isinstance(state.get("model_state"), Mapping):
+        state = state["model_state"]  # facebookresearch/hiera (and SlowFast) checkpoints
+    tensors = ({k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
                if isinstance(state, Mapping) else {})
     if not tensors:
         raise ValueError(f"{path}: holds no state dict of tensors")
@@ -157,6 +189,8 @@ def _source_layout(state: dict[str, Tensor], init: str, net: nn.Module) -> dict[
                  if k.startswith("encoder_q.")}
     if init == "torchvision":
         state = _filter_torchvision_pretrained(dict(state))
+    if isinstance(net, Hiera):
+        state = checkpoint_filter_fn(state, net)  # official names (norm, head.projection)
     head = net.pretrained_cfg["classifier"] + "."
     return {k: v for k, v in state.items() if not k.startswith(head)}
 
@@ -198,6 +232,9 @@ def _fit(net: nn.Module, key: str, value: Tensor, report: LoadReport) -> Tensor:
             return sincos_pos_embed(value.shape[2], new_grid[0]).to(value.dtype)
         report.adapted.append(key)
         return resample_abs_pos_embed(value, list(new_grid), num_prefix_tokens=1)
+    if key == "pos_embed" and isinstance(net, Hiera) and value.ndim == 3:
+        report.adapted.append(key)
+        return resample_abs_pos_embed(value, list(net.tokens_spatial_shape), num_prefix_tokens=0)
     if key == net.pretrained_cfg["first_conv"] + ".weight" and value.ndim == 4:
         if value.shape[2:] != target.shape[2:] and isinstance(net, VisionTransformer):
             value = resample_patch_embed(value, list(target.shape[2:]))

@@ -294,8 +294,10 @@ def build_mae(model: str = "vit_small_patch16", *, img_size: int = 224,
 
 
 def is_decoder_key(key: str) -> bool:
-    """Decoder tensors are exactly those MAE names `decoder_*` or `mask_token`."""
-    return key.startswith(("decoder_", "mask_token"))
+    """Decoder-side tensors: MAE's `decoder_*` and `mask_token`, and the Hiera MAE's
+    `multi_scale_fusion_heads` with their `encoder_norm`, which feed only its decoder."""
+    return key.startswith(("decoder_", "mask_token", "multi_scale_fusion_heads.",
+                           "encoder_norm."))
 
 
 def encoder_state_dict(mae: MaskedAutoencoder) -> dict[str, Tensor]:
