@@ -127,7 +127,7 @@ def _parse_optional(text: str) -> float | None:
 
 def _recipe_and_config(args: argparse.Namespace):
     from cxr_lib.finetune import FinetuneRecipe, paper_config
-    from cxr_lib.models.classifier import is_vit
+    from cxr_lib.models.classifier import is_vit, supports_layer_decay
     from cxr_lib.profiles import load_profile
     from cxr_lib.study import resolve_device
 
@@ -141,15 +141,15 @@ def _recipe_and_config(args: argparse.Namespace):
         return given if given is not None else section.get(key, fallback)
 
     model = value("model", "vit_model", base.model)
-    vit = is_vit(model)
+    vit, decays = is_vit(model), supports_layer_decay(model)
     patch = profile.chapters.get("02_mae_pretraining", {}).get("patch_size")
     recipe = FinetuneRecipe(
         model=model, init=args.init, weights=args.weights,
         img_size=value("image_size", "image_size", base.img_size),
         patch_size=(args.patch_size or patch) if vit else None,
-        layer_decay=(value("layer_decay", "paper_layer_decay", base.layer_decay) if vit
+        layer_decay=(value("layer_decay", "paper_layer_decay", base.layer_decay) if decays
                      else None),
-        drop_path=value("drop_path", "paper_drop_path", base.drop_path if vit else 0.0),
+        drop_path=value("drop_path", "paper_drop_path", base.drop_path if decays else 0.0),
         randaug_magnitude=value("randaug", "paper_randaug", base.randaug_magnitude),
         mixup=args.mixup, cutmix=args.cutmix,
         crop_scale=tuple(value("crop_scale", "crop_scale", base.crop_scale)),

@@ -48,7 +48,12 @@ from cxr_lib.augment import (
 )
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
-from cxr_lib.models.classifier import build_classifier, imagenet_weights, is_vit, timm_name
+from cxr_lib.models.classifier import (
+    build_classifier,
+    imagenet_weights,
+    supports_layer_decay,
+    timm_name,
+)
 from cxr_lib.models.mae import LoadReport
 from cxr_lib.pretrain import cache_identity
 from cxr_lib.randaugment import RandAugment, fill_level
@@ -97,9 +102,9 @@ class FinetuneRecipe:
         timm_name(self.model)
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
-        if self.layer_decay is not None and not is_vit(self.model):
-            raise ValueError(f"layer_decay groups a ViT's blocks; set it to None for "
-                             f"{self.model}")
+        if self.layer_decay is not None and not supports_layer_decay(self.model):
+            raise ValueError(f"layer_decay groups the blocks of a ViT or Hiera; set it to None "
+                             f"for {self.model}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must lie in (0, 1], got {self.layer_decay}")
         if min(self.mixup, self.cutmix, self.drop_path, self.rotation) < 0:

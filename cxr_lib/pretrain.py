@@ -19,6 +19,7 @@ from cxr_lib import runs
 from cxr_lib.augment import MaeAugment, pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
 from cxr_lib.models.mae import MaskedAutoencoder, build_mae, encoder_state_dict
 from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
 from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
@@ -44,11 +45,13 @@ class MaeRecipe:
     decoder_depth: int | None = None
     decoder_heads: int | None = None
 
-    def build(self) -> MaskedAutoencoder:
-        return build_mae(self.model, img_size=self.img_size, patch_size=self.patch_size,
-                         mask_ratio=self.mask_ratio, norm_pix_loss=self.norm_pix_loss,
-                         decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
-                         decoder_heads=self.decoder_heads)
+    def build(self) -> MaskedAutoencoder | HieraMae:
+        """A ViT MAE for the ViT presets, a Hiera MAE for `hiera_*` (patch size None or 4)."""
+        build = build_hiera_mae if self.model in HIERA_PRESETS else build_mae
+        return build(self.model, img_size=self.img_size, patch_size=self.patch_size,
+                     mask_ratio=self.mask_ratio, norm_pix_loss=self.norm_pix_loss,
+                     decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+                     decoder_heads=self.decoder_heads)
 
 
 @dataclass
@@ -135,3 +138,26 @@ def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
                       "normalise": [pretrained.augment.mean, pretrained.augment.std],
                       "run": pretrained.run.path.name}, path)
     return path
+
+
+def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
+                 batch_size: int = 128) -> float:
+    """Mean reconstruction loss on cache `rows` (plain views), the masks drawn from `seed`.
+
+    Unlike the training loss, it is comparable across runs trained on different mixes: the
+    same images with the same masks (for models with the same patch layout). With
+    `norm_pix_loss` it does not depend on the runs' normalisation either.
+    """
+    mae, plain = pretrained.mae, pretrained.augment.plain
+    device = next(mae.parameters()).device
+    was_training = mae.training
+    mae.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            x = torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
+            torch.manual_seed(seed + i)  # the same masks for every model
+            loss, _, _ = mae(plain(x.to(device)))
+            total, count = total + float(loss) * len(x), count + len(x)
+    mae.train(was_training)
+    return total / count

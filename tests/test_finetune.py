@@ -175,8 +175,11 @@ def test_an_unavailable_imagenet_start_fails_before_training(cache, tmp_path, mo
 
 
 def test_recipes_that_cannot_train_as_asked_are_refused():
-    with pytest.raises(ValueError, match="layer_decay groups a ViT"):
+    with pytest.raises(ValueError, match="layer_decay groups the blocks of a ViT or Hiera"):
         FinetuneRecipe(model="densenet121", drop_path=0.0).check()
+    FinetuneRecipe(model="hiera_tiny", layer_decay=0.65).check()  # Hiera has blocks to decay
+    with pytest.raises(ValueError, match="rotation must be >= 0"):
+        FinetuneRecipe(rotation=-30).check()
     with pytest.raises(ValueError, match="train_fraction"):
         dataclasses.replace(RECIPE, train_fraction=0.0).check()
     with pytest.raises(ValueError, match="unknown classifier"):

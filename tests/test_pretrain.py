@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -10,7 +11,9 @@ from cxr_lib.cli import main
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.pretrain import (
     MaeRecipe,
+    PretrainedMae,
     cache_identity,
+    heldout_loss,
     mae_augment,
     pretrain_mae,
     probe_encoder,
@@ -81,3 +84,33 @@ def test_command_line_pretrains_with_profile_defaults_and_saves(cache, tmp_path,
     assert "trained" in out and (tmp_path / "enc.pt").is_file()
     main(args)
     assert "loaded the finished run" in capsys.readouterr().out
+
+
+def test_a_mix_of_draws_and_given_statistics_make_their_own_run(cache, tmp_path):
+    config = dataclasses.replace(CONFIG, epochs=1)
+    plain = pretrain_mae(cache, RECIPE, config, tmp_path, progress=False)
+    rows = cache.split_indices("train")
+    weights = np.linspace(1, 2, len(rows))
+    drawn = pretrain_mae(cache, RECIPE, config, tmp_path, sample_weights=weights,
+                         normalise=(0.5, 0.25), progress=False)
+    assert drawn.run.path != plain.run.path and not drawn.run.loaded_from_cache
+    assert (drawn.augment.mean, drawn.augment.std) == (0.5, 0.25)
+    again = pretrain_mae(cache, RECIPE, config, tmp_path, sample_weights=weights,
+                         normalise=(0.5, 0.25), progress=False)
+    assert again.run.path == drawn.run.path and again.run.loaded_from_cache
+
+
+def test_heldout_loss_uses_the_same_masks_for_every_model(cache):
+    recipe = MaeRecipe(model="hiera_tiny", img_size=64, mask_ratio=0.6, norm_pix_loss=True,
+                       decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    torch.manual_seed(0)
+    pre = PretrainedMae(recipe.build(), None, mae_augment(cache, recipe), recipe)
+    assert type(pre.mae).__name__ == "HieraMae" and pre.mae.mask_ratio == 0.6
+    rows = cache.split_indices("val")
+    first = heldout_loss(pre, cache, rows, seed=3, batch_size=4)
+    assert heldout_loss(pre, cache, rows, seed=3, batch_size=4) == first  # masks repeat
+    assert heldout_loss(pre, cache, rows, seed=4, batch_size=4) != first  # other masks
+    torch.manual_seed(1)
+    other = dataclasses.replace(pre, mae=recipe.build())
+    assert heldout_loss(other, cache, rows, seed=3, batch_size=4) != first
+    assert pre.mae.training  # the model's mode is given back
