@@ -86,13 +86,15 @@ def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",
 
 def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root: str | Path,
                  *, split: str = "train", sample_weights: np.ndarray | None = None,
-                 normalise: tuple[float, float] | None = None, resident: bool = False,
-                 force: bool = False, progress: bool = True) -> PretrainedMae:
+                 draws: int | None = None, normalise: tuple[float, float] | None = None,
+                 resident: bool = False, force: bool = False,
+                 progress: bool = True) -> PretrainedMae:
     """Pre-train an MAE on the `split` images of `cache` (or load the finished run).
 
-    `sample_weights` (one per row of the split, cache order) draw each epoch's images with
-    replacement, as a data mix does (`cxr_lib.cocktail`); `normalise` overrides the pixel
-    statistics. Both are part of the run's identity.
+    `sample_weights` (one per row of the split, cache order) draw each epoch's `draws` images
+    (default: as many as the split holds) with replacement, as a data mix does
+    (`cxr_lib.cocktail`); `normalise` overrides the pixel statistics. All are part of the run's
+    identity.
     """
     augment = mae_augment(cache, recipe, split, normalise=normalise)
     extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
@@ -100,13 +102,14 @@ def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root:
     if sample_weights is not None:
         weights = np.asarray(sample_weights, dtype=np.float64)
         extra["sample_weights"] = hashlib.sha256(weights.tobytes()).hexdigest()[:16]
+        extra["draws"] = draws
     config = dataclasses.replace(config, extra=extra)
     torch.manual_seed(config.seed)  # the initial weights are part of the run
     mae = recipe.build()
+    per_epoch = draws or len(cache.split_indices(split))
     batches = CacheBatches(cache, split, config.batch_size, shuffle=True, seed=config.seed,
-                           drop_last=len(cache.split_indices(split)) >= config.batch_size,
-                           device=default_device(), resident=resident,
-                           sample_weights=sample_weights)
+                           drop_last=per_epoch >= config.batch_size, device=default_device(),
+                           resident=resident, sample_weights=sample_weights, draws=draws)
     result = fit(mae, batches, None, config, run_root, "mae", loss_func=model_loss,
                  batch_tfm=augment, force=force, progress=progress)
     return PretrainedMae(mae, result, augment, recipe)

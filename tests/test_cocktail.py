@@ -170,3 +170,11 @@ def test_chest_share_weights_split_the_rest_evenly():
         chest_share_weights(["a", "b"], "a", 0.0)
     with pytest.raises(ValueError, match="not among"):
         chest_share_weights(["a", "b"], "x", 0.5)
+
+
+def test_a_pass_can_draw_a_set_number_of_images(cache):
+    weights = row_weights(cache, {"dark": 1, "bright": 1})
+    batches = CacheBatches(cache, "train", 8, shuffle=True, sample_weights=weights, draws=20)
+    assert len(batches) == 3 and sum(len(b) for b in batches.batch_indices(0)) == 20
+    with pytest.raises(ValueError, match="needs sample_weights"):
+        CacheBatches(cache, "train", 8, shuffle=True, draws=20)

@@ -66,13 +66,15 @@ class CacheBatches:
     order, so predictions line up with `indices`. Duplicates are refused.
 
     `sample_weights` (one per row of `indices`, in the order given) make each pass a draw with
-    replacement of as many rows, row i with probability w_i / sum(w): a data mix with
-    per-source shares (`cxr_lib.cocktail`). Each pass draws anew from (seed, epoch).
+    replacement of `draws` rows (default: as many as `indices`), row i with probability
+    w_i / sum(w): a data mix with per-source shares (`cxr_lib.cocktail`). Each pass draws anew
+    from (seed, epoch).
     """
 
     def __init__(self, cache: Cache, indices: Indices, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu",
-                 resident: bool = False, sample_weights: np.ndarray | None = None) -> None:
+                 resident: bool = False, sample_weights: np.ndarray | None = None,
+                 draws: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cache = cache
@@ -81,6 +83,9 @@ class CacheBatches:
         self.indices = rows[order]
         self.probabilities = (None if sample_weights is None
                               else _probabilities(sample_weights, len(rows), shuffle)[order])
+        if draws is not None and (sample_weights is None or draws < 1):
+            raise ValueError(f"draws={draws} needs sample_weights and must be positive")
+        self.draws = len(rows) if draws is None else int(draws)
         self.batch_size, self.shuffle, self.seed, self.drop_last = (
             batch_size, shuffle, seed, drop_last)
         self.device = torch.device(device)
@@ -89,7 +94,7 @@ class CacheBatches:
         self._resident = _upload(cache, self.indices, self.device) if resident else None
 
     def __len__(self) -> int:
-        n, b = len(self.indices), self.batch_size
+        n, b = self.draws, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,7 +107,7 @@ class CacheBatches:
         n, b = len(self.indices), self.batch_size
         rng = np.random.default_rng([self.seed, epoch])
         if self.probabilities is not None:
-            order = rng.choice(n, size=n, p=self.probabilities)
+            order = rng.choice(n, size=self.draws, p=self.probabilities)
         else:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
         return [np.sort(order[i:i + b])[self.rank::self.world] for i in range(0, len(self) * b, b)]
@@ -150,7 +155,7 @@ class CacheBatches:
         if not 0 <= rank < world or self.batch_size % world:
             raise ValueError(f"cannot shard a batch of {self.batch_size} as rank {rank} of "
                              f"{world}: the batch must divide evenly over the ranks")
-        last = 0 if self.drop_last else len(self.indices) % self.batch_size
+        last = 0 if self.drop_last else self.draws % self.batch_size
         if 0 < last < world:  # a rank would get an empty batch
             raise ValueError(f"the last batch holds {last} rows, fewer than the {world} ranks: "
                              "use drop_last=True or another batch size")
