@@ -19,7 +19,6 @@ reports them without touching the test split again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -181,15 +180,6 @@ def label_subset(cache: Cache, fraction: float, seed: int, split: str = "train")
     return rows[np.isin(patients, chosen)]
 
 
-def weights_digest(path: str | Path | None) -> str | None:
-    """A short SHA-256 of a weights file: the run identity follows the file's content, so an
-    encoder saved again with other weights fine-tunes in a new run, and a moved one does not."""
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
 class MultiLabelMixup(Callback):
     """Mixup / CutMix of a training batch and its multi-hot labels with the same lambda
     (timm's `Mixup` with multi_label=True and no smoothing). A label stays known only where
@@ -261,7 +251,7 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
     train_split, valid_split, test_split = splits
     rows = label_subset(cache, recipe.train_fraction, config.seed, train_split)
     augment = finetune_augment(cache, recipe, train_split)
-    extra = {"recipe": {**dataclasses.asdict(recipe), "weights": weights_digest(weights)},
+    extra = {"recipe": {**dataclasses.asdict(recipe), "weights": runs.weights_digest(weights)},
              "data": cache_identity(cache), "splits": list(splits), "train_images": len(rows),
              "normalise": [augment.mean, augment.std], **config.extra}
     config = dataclasses.replace(config, batch_size=min(config.batch_size, len(rows)),

@@ -19,8 +19,14 @@ from cxr_lib import runs
 from cxr_lib.augment import MaeAugment, pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.models.classifier import load_start, read_state_dict
 from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
-from cxr_lib.models.mae import MaskedAutoencoder, build_mae, encoder_state_dict
+from cxr_lib.models.mae import (
+    MaskedAutoencoder,
+    build_mae,
+    encoder_state_dict,
+    load_mae_checkpoint,
+)
 from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
 from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
 
@@ -44,6 +50,16 @@ class MaeRecipe:
     decoder_dim: int | None = None
     decoder_depth: int | None = None
     decoder_heads: int | None = None
+    # A file of encoder weights in timm's layout (e.g. ImageNet) to start from: MedTransformer
+    # continues MAE pre-training from ImageNet weights. None: random initialisation.
+    init_weights: str | None = None
+
+    def identity(self) -> dict:
+        """The recipe as the run hash sees it: the start file by its content, and (so that runs
+        without one keep their earlier identity) no start field when there is none."""
+        fields = dataclasses.asdict(self)
+        start = fields.pop("init_weights")
+        return fields if start is None else {**fields, "init_weights": runs.weights_digest(start)}
 
     def build(self) -> MaskedAutoencoder | HieraMae:
         """A ViT MAE for the ViT presets, a Hiera MAE for `hiera_*` (patch size None or 4)."""
@@ -97,7 +113,7 @@ def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root:
     identity.
     """
     augment = mae_augment(cache, recipe, split, normalise=normalise)
-    extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
+    extra = {"recipe": recipe.identity(), "data": cache_identity(cache), "split": split,
              "normalise": [augment.mean, augment.std], **config.extra}
     if sample_weights is not None:
         weights = np.asarray(sample_weights, dtype=np.float64)
@@ -106,6 +122,10 @@ def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root:
     config = dataclasses.replace(config, extra=extra)
     torch.manual_seed(config.seed)  # the initial weights are part of the run
     mae = recipe.build()
+    if recipe.init_weights is not None:  # Hiera: timm's fitting; ViT: MAE's lenient loader
+        report = (load_start(mae, "imagenet", recipe.init_weights) if isinstance(mae, HieraMae)
+                  else load_mae_checkpoint(mae, read_state_dict(recipe.init_weights)))
+        print(f"encoder started from {recipe.init_weights}: {report}")
     per_epoch = draws or len(cache.split_indices(split))
     batches = CacheBatches(cache, split, config.batch_size, shuffle=True, seed=config.seed,
                            drop_last=per_epoch >= config.batch_size, device=default_device(),

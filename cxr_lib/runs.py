@@ -72,6 +72,15 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(config_json(config).encode()).hexdigest()[:HASH_CHARS]
 
 
+def weights_digest(path: str | Path | None) -> str | None:
+    """A short SHA-256 of a weights file: a run's identity follows the file's content, so an
+    encoder saved again with other weights trains a new run, and a moved one does not."""
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def run_dir(root: str | Path, kind: str, config: Any, *, create: bool = True) -> Path:
     """`root/<kind>-<hash>`; on first use creates it and writes `config.json`.
 

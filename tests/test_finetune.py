@@ -20,10 +20,10 @@ from cxr_lib.finetune import (
     finetune,
     label_subset,
     paper_config,
-    weights_digest,
 )
 from cxr_lib.models import classifier
 from cxr_lib.models.classifier import WeightsUnavailable
+from cxr_lib.runs import weights_digest
 from cxr_lib.study import chapter_cache
 from cxr_lib.train import mean_auc, schedule_at
 

@@ -114,3 +114,20 @@ def test_heldout_loss_uses_the_same_masks_for_every_model(cache):
     other = dataclasses.replace(pre, mae=recipe.build())
     assert heldout_loss(other, cache, rows, seed=3, batch_size=4) != first
     assert pre.mae.training  # the model's mode is given back
+
+
+def test_pretraining_can_continue_from_a_weights_file(cache, tmp_path):
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
+                            num_classes=1000)  # an ImageNet-like file: RGB, with a classifier
+    torch.save(vit.state_dict(), tmp_path / "imagenet.pt")
+    started = dataclasses.replace(RECIPE, init_weights=str(tmp_path / "imagenet.pt"))
+    assert "init_weights" not in RECIPE.identity()  # runs without a start keep their identity
+    assert len(started.identity()["init_weights"]) == 16  # the file's digest, not its path
+    config = dataclasses.replace(CONFIG, epochs=1, base_lr=1e-12)  # train, but move nothing
+    pre = pretrain_mae(cache, started, config, tmp_path / "runs", progress=False)
+    block = pre.mae.blocks[0].attn.qkv.weight.detach()
+    assert torch.allclose(block, vit.blocks[0].attn.qkv.weight, atol=1e-6)
+    summed = vit.patch_embed.proj.weight.sum(dim=1, keepdim=True)  # RGB kernels summed to gray
+    assert torch.allclose(pre.mae.patch_embed.proj.weight.detach(), summed, atol=1e-5)
+    plain = pretrain_mae(cache, RECIPE, config, tmp_path / "runs", progress=False)
+    assert plain.run.path != pre.run.path
