@@ -140,8 +140,9 @@ def medtransformer_finetune_config(**changes) -> TrainConfig:
 
 
 def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:
-    """MedTransformer's fine-tuning augmentation: rotations of up to 30 degrees and a flip; no
-    RandAugment, layer decay or drop path. `changes` set the model, start and normalisation."""
+    """MedTransformer's fine-tuning augmentation: the whole image, rotated by up to 30 degrees
+    (with the horizontal flip our augmentation always adds); no RandAugment, layer decay or drop
+    path. `changes` set the model, start and normalisation."""
     base = FinetuneRecipe(model="hiera_tiny", layer_decay=None, drop_path=0.0,
                           randaug_magnitude=None, crop_scale=(1.0, 1.0), rotation=30.0)
     return dataclasses.replace(base, **changes)
