@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from cxr_lib.randaugment import affine_matrix, warp
+from cxr_lib.transfer import to_device
 
 Stat = float | Sequence[float]
 
@@ -72,7 +73,7 @@ def crop_resize(x: Tensor, boxes: Tensor, out_size: int) -> Tensor:
     """
     _check_batch(x)
     index = torch.arange(x.shape[0], device=x.device, dtype=torch.float32)[:, None]  # [B, 1]
-    rois = torch.cat([index, boxes.to(x.device, torch.float32)], dim=1)  # [B, 5]
+    rois = torch.cat([index, to_device(boxes, x.device, torch.float32)], dim=1)  # [B, 5]
     out = roi_align(x.float(), rois, output_size=out_size, spatial_scale=1.0,
                     sampling_ratio=-1, aligned=True)  # [B, C, S, S]
     if x.dtype == torch.uint8:
@@ -103,7 +104,7 @@ def hflip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -
     """Mirror each image left-right with probability p."""
     _check_batch(x)
     flip = torch.rand(x.shape[0], generator=generator) < p  # [B]
-    flip = flip.to(x.device)[:, None, None, None]  # [B, 1, 1, 1]
+    flip = to_device(flip, x.device)[:, None, None, None]  # [B, 1, 1, 1]
     return torch.where(flip, x.flip(-1), x)  # [B, C, H, W]
 
 

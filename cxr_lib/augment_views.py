@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cxr_lib.augment import Stat, center_resize, hflip, random_resized_crop, to_float
+from cxr_lib.transfer import to_device
 
 BLUR_REFERENCE_SIZE = 224  # MoCo v2's blur sigmas are in pixels of a 224-px crop
 
@@ -33,7 +34,7 @@ def brightness_contrast(x: Tensor, brightness: float = 0.4, contrast: float = 0.
     random order; here brightness always comes first.)
     """
     b = x.shape[0]
-    u = torch.rand(b, 3, generator=generator).to(x.device)  # [B, 3]: apply?, factors
+    u = to_device(torch.rand(b, 3, generator=generator), x.device)  # [B, 3]: apply?, factors
     applied = (u[:, 0] < p).view(b, 1, 1, 1)  # [B, 1, 1, 1]
     f_bright = (1 + brightness * (2 * u[:, 1] - 1)).view(b, 1, 1, 1)
     f_contr = (1 + contrast * (2 * u[:, 2] - 1)).view(b, 1, 1, 1)
@@ -60,7 +61,7 @@ def gaussian_blur(x: Tensor, sigma: tuple[float, float] = (0.1, 2.0), p: float =
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     identity = (t == 0).float().expand(b, -1)  # [B, k]: leaves an image as it is
     kernel = torch.where((u[:, 0] < p)[:, None], kernel, identity)  # [B, k]
-    kernel = kernel.to(x.device, x.dtype).repeat_interleave(c, dim=0)  # [B*C, k]
+    kernel = to_device(kernel, x.device, x.dtype).repeat_interleave(c, dim=0)  # [B*C, k]
     y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)  # [1, B*C, H, W + 2r] vertical
     y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)  # [1, B*C, H, W] horizontal

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cxr_lib.transfer import to_device
+
 # timm's `_RAND_INCREASING_TRANSFORMS`, in its order (tests check they agree).
 OPS: tuple[str, ...] = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
@@ -108,7 +110,7 @@ def warp(v: Tensor, matrices: Tensor, fill: float) -> Tensor:
     n, c, h, w = v.shape
     to_norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64)
     theta = to_norm @ matrices @ torch.linalg.inv(to_norm)  # [n, 3, 3], normalised coordinates
-    grid = F.affine_grid(theta[:, :2].to(v.device, v.dtype), [n, c, h, w],
+    grid = F.affine_grid(to_device(theta[:, :2], v.device, v.dtype), [n, c, h, w],
                          align_corners=False)  # [n, H, W, 2], source points in [-1, 1]
     out = F.grid_sample(v, grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = ((grid >= -1) & (grid < 1)).all(dim=-1)[:, None]  # [n, 1, H, W]
@@ -118,7 +120,7 @@ def warp(v: Tensor, matrices: Tensor, fill: float) -> Tensor:
 # ----------------------------------------------------------------------------- pixel ops
 
 def _per_image(t: Tensor, v: Tensor) -> Tensor:
-    return t.to(v.device, v.dtype).view(-1, 1, 1, 1)  # [n, 1, 1, 1]
+    return to_device(t, v.device, v.dtype).view(-1, 1, 1, 1)  # [n, 1, 1, 1]
 
 
 def _grey(v: Tensor) -> Tensor:
@@ -297,10 +299,10 @@ class RandAugment:
                 warped.append(rows)
                 matrices.append(affine_matrix(name, arg, v.shape[2], v.shape[3]))
             else:
-                at = rows.to(v.device)
-                out[at] = apply_op(name, v[at], None if arg is None else arg.to(v.device))
+                at = to_device(rows, v.device)
+                out[at] = apply_op(name, v[at], None if arg is None else to_device(arg, v.device))
         if warped:
-            at = torch.cat(warped).to(v.device)
+            at = to_device(torch.cat(warped), v.device)
             out[at] = warp(v[at], torch.cat(matrices), self.fill)
         return out
 

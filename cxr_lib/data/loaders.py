@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.core import DataError
+from cxr_lib.transfer import to_device
 
 Indices = np.ndarray | list[int] | str | None  # rows, a split name, or None for all rows
 
@@ -124,7 +125,7 @@ class CacheBatches:
     def _gather(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self._resident is not None:
             images, labels = self._resident
-            at = torch.from_numpy(pos).to(self.device)
+            at = to_device(torch.from_numpy(pos), self.device)
             return images[at], labels[at]  # [B, 1, S, S], [B, F]
         rows = self.indices[pos]
         pin = self.device.type == "cuda"
