@@ -137,8 +137,8 @@ def _recipe_and_config(args: argparse.Namespace):
     paper, base = paper_config(), FinetuneRecipe()
 
     def value(name: str, key: str, fallback):
-        given = getattr(args, name)
-        return given if given is not None else section.get(key, fallback)
+        # an option left out is absent (argparse.SUPPRESS), so `--randaug none` (None) is kept
+        return getattr(args, name) if name in vars(args) else section.get(key, fallback)
 
     model = value("model", "vit_model", base.model)
     vit, decays = is_vit(model), supports_layer_decay(model)
@@ -202,27 +202,31 @@ def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--profile", default="cpu", help="profile name or YAML path")
     cmd.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
     cmd.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
-    cmd.add_argument("--model", help="vit_tiny_patch16, vit_small_patch16, vit_base_patch16, "
-                     "densenet121 or resnet50")
     cmd.add_argument("--init", default="random",
                      choices=["random", "imagenet", "mae", "moco", "torchvision"])
     cmd.add_argument("--weights", type=Path, help="the start's file (mae, moco, torchvision; "
                      "imagenet: optional, else the Hugging Face cache)")
-    cmd.add_argument("--image-size", type=int)
     cmd.add_argument("--patch-size", type=int, help="ViT patch (default: chapter 2's)")
-    cmd.add_argument("--layer-decay", type=_parse_optional, help="a number, or none (ViT)")
-    cmd.add_argument("--drop-path", type=float)
-    cmd.add_argument("--randaug", type=_parse_optional, help="RandAugment magnitude, or none")
     cmd.add_argument("--mixup", type=float, default=0.0)
     cmd.add_argument("--cutmix", type=float, default=0.0)
-    cmd.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
     cmd.add_argument("--train-fraction", type=float, default=1.0,
                      help="share of the training patients whose labels are used")
-    cmd.add_argument("--epochs", type=int)
-    cmd.add_argument("--warmup-epochs", type=float)
-    cmd.add_argument("--batch-size", type=int, help="global batch (all GPUs together)")
-    cmd.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
-    cmd.add_argument("--min-lr", type=float)
+    # Left out, these take the profile's value (absent from args, not None: `none` is a value)
+    profiled = cmd.add_argument_group("recipe (default: the profile's chapter 4, else the paper)")
+    for flag, kwargs in (
+            ("--model", {"help": "vit_tiny_patch16, vit_small_patch16, vit_base_patch16, "
+                                 "densenet121 or resnet50"}),
+            ("--image-size", {"type": int}),
+            ("--layer-decay", {"type": _parse_optional, "help": "a number, or none (ViT)"}),
+            ("--drop-path", {"type": float}),
+            ("--randaug", {"type": _parse_optional, "help": "RandAugment magnitude, or none"}),
+            ("--crop-scale", {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH")}),
+            ("--epochs", {"type": int}),
+            ("--warmup-epochs", {"type": float}),
+            ("--batch-size", {"type": int, "help": "global batch (all GPUs together)"}),
+            ("--base-lr", {"type": float, "help": "lr = base_lr x batch_size / 256"}),
+            ("--min-lr", {"type": float})):
+        profiled.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
 
 def add_finetune_commands(groups: argparse._SubParsersAction) -> None:

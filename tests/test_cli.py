@@ -64,3 +64,25 @@ def test_bad_input_ends_with_a_one_line_error(tmp_path):
               str(tmp_path / "out")])
     with pytest.raises(SystemExit, match=r"^cxr: error: "):
         main(["data", "check", str(tmp_path)])
+
+
+def _finetune_recipe(*options: str):
+    from cxr_lib.cli import _recipe_and_config, build_parser
+
+    args = build_parser().parse_args(["finetune", "--data", "unused", *options])
+    _, recipe, config = _recipe_and_config(args)
+    return recipe, config
+
+
+def test_finetune_options_left_out_come_from_the_profile_and_none_turns_a_setting_off():
+    from cxr_lib.profiles import load_profile
+
+    section = load_profile("cpu").chapters["04_finetuning_ablations"]
+    recipe, config = _finetune_recipe()
+    assert (recipe.model, recipe.img_size, config.epochs) == (
+        section["vit_model"], section["image_size"], section["epochs"])
+    assert recipe.layer_decay == 0.55 and recipe.randaug_magnitude == 6.0  # the paper's
+    off, _ = _finetune_recipe("--layer-decay", "none", "--randaug", "off", "--epochs", "3")
+    assert off.layer_decay is None and off.randaug_magnitude is None
+    assert _finetune_recipe("--randaug", "3")[0].randaug_magnitude == 3.0
+    assert _finetune_recipe("--epochs", "3")[1].epochs == 3
