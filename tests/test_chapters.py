@@ -29,14 +29,20 @@ def executed(tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS)
-def test_chapter_executes_under_smoke_without_errors(executed, chapter):
-    nb = json.loads((executed / "build" / "smoke" / "chapters" / f"{chapter}.ipynb").read_text())
+def assert_reads_cleanly(nb: dict) -> list[dict]:
+    """An executed chapter shows no error and no warning, and draws a figure; its outputs."""
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o["output_type"] == "error"]
     stderr = "".join("".join(o["text"]) for o in outputs if o.get("name") == "stderr")
     assert "Warning:" not in stderr, f"a warning reaches the reader: {stderr[:300]}"
     assert any("image/png" in o.get("data", {}) for o in outputs), "the chapter draws no figure"
+    return outputs
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_executes_under_smoke_without_errors(executed, chapter):
+    nb = json.loads((executed / "build" / "smoke" / "chapters" / f"{chapter}.ipynb").read_text())
+    outputs = assert_reads_cleanly(nb)
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs
              if "scrapbook" in o.get("metadata", {})}
     markdown = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")

@@ -1,4 +1,20 @@
+"""The papers' numbers, and the published edition committed in book/chapters/."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_browser import check_book_in_browser
+from test_chapters import assert_reads_cleanly
+
+from cxr_lib.book import build_book
+from cxr_lib.profiles import repo_root
 from cxr_lib.published import published_chestxray14
+
+ROOT = repo_root()
+CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EDITION = ROOT / "book" / "chapters"
 
 
 def test_published_table_holds_the_papers_headline_numbers():
@@ -7,3 +23,34 @@ def test_published_table_holds_the_papers_headline_numbers():
     assert xiao.loc[("ViT-S/16", "X-ray MAE"), "mean AUC (%)"] == 82.3
     assert xiao.loc[("DenseNet-121", "X-ray MoCo v2"), "mean AUC (%)"] == 80.6
     assert len(table) == 8 and table["mean AUC (%)"].between(70, 90).all()
+
+
+def _published(chapter: str) -> dict:
+    return json.loads((EDITION / f"{chapter}.ipynb").read_text())
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_is_published_executed_cleanly_under_the_profile_the_intro_names(chapter):
+    nb = _published(chapter)
+    profile = nb["metadata"]["papermill"]["parameters"]["profile"]
+    intro = (ROOT / "book" / "intro.md").read_text()
+    assert f"executed with the `{profile}` profile" in intro
+    assert_reads_cleanly(nb)
+    source = json.loads((ROOT / "notebooks" / f"{chapter}.ipynb").read_text())
+    assert [c["source"] for c in source["cells"] if c["cell_type"] == "markdown"] == [
+        c["source"] for c in nb["cells"] if c["cell_type"] == "markdown"], (
+        "the published prose differs from notebooks/: publish the chapter again")
+
+
+@pytest.fixture(scope="module")
+def published_book(tmp_path_factory) -> Path:
+    """index.html of the committed edition, rendered in a copy (warnings are errors)."""
+    repo = tmp_path_factory.mktemp("published")
+    shutil.copytree(ROOT / "book", repo / "book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, repo / name)
+    return build_book("published", published=True, repo=repo)
+
+
+def test_the_published_edition_renders_and_loads_cleanly_in_a_browser(published_book):
+    check_book_in_browser(published_book, CHAPTERS)
