@@ -18,7 +18,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_lib.data.cache import check_cache, open_cache, prepare_cache, to_square
+from cxr_lib.data.cache import (
+    check_cache,
+    is_complete,
+    open_cache,
+    prepare_cache,
+    to_square,
+)
 from cxr_lib.data.core import DataError, XrayDataset, read_image_row
 
 FINDINGS = ["A", "B", "C"]
@@ -165,6 +171,21 @@ def test_folder_that_is_not_a_cache_is_refused_and_empty_one_used(tmp_path):
     cache = prepare_cache(make_dataset(4), tmp_path / "empty", size=8, workers=1,
                           progress=False)
     assert len(cache) == 4
+
+
+
+def test_only_a_finished_cache_is_complete(tmp_path):
+    ds = png_dataset(tmp_path / "png", 8)
+    Path(ds.meta["path"][5]).write_bytes(b"not a png")
+    assert not is_complete(tmp_path / "c") and not is_complete(str(tmp_path / "png"))
+    with pytest.raises(DataError):
+        prepare_cache(ds, tmp_path / "c", size=8, workers=1, chunk=4, progress=False)
+    assert not is_complete(tmp_path / "c.partial")  # chunk 0 is done, the cache is not
+    ok = make_dataset(4)
+    prepare_cache(ok, tmp_path / "ok", size=8, workers=1, progress=False)
+    assert is_complete(tmp_path / "ok") and is_complete(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "meta.json").write_text("{not json")
+    assert not is_complete(tmp_path / "ok")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

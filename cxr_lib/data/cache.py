@@ -116,7 +116,7 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: nothing to cache, the data set is empty")
     plan = _plan_table(dataset)
-    if _is_complete(out):
+    if is_complete(out):
         _refuse_if_different(out, _read_table(out / "index.parquet"), _read_json(out)["size"],
                              plan, size)
         return open_cache(out)
@@ -124,7 +124,7 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
         raise DataError(f"{out}: exists and is not a finished cache; remove it or choose "
                         "another output folder")
     partial = out.with_name(out.name + ".partial")
-    if not _is_complete(partial):
+    if not is_complete(partial):
         _fill(partial, dataset, plan, size=size, workers=workers or _default_workers(),
               chunk=chunk, progress=progress)
     else:
@@ -137,7 +137,7 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
 def open_cache(path: str | Path) -> Cache:
     """Open a finished cache; refuses partial or damaged folders with a DataError."""
     path = Path(path)
-    if not _is_complete(path):
+    if not is_complete(path):
         partial = path.with_name(path.name + ".partial")
         hint = f" (an unfinished run is in {partial})" if partial.exists() else ""
         raise DataError(f"{path}: not a finished cache (no meta.json with complete: true)"
@@ -375,9 +375,10 @@ def _map_images(path: Path, mode: str) -> np.ndarray:
                         "truncated or corrupt; rerun prepare into a fresh folder") from err
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: str | Path) -> bool:
+    """Whether `folder` holds a finished cache (a partial or damaged one is not)."""
     try:
-        return _read_json(folder).get("complete") is True
+        return _read_json(Path(folder)).get("complete") is True
     except (OSError, ValueError):
         return False
 
