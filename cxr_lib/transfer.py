@@ -6,7 +6,8 @@ the device. A plain `.to("cuda")` of pageable memory is a synchronising copy: th
 every kernel already queued, so it can never run ahead of the GPU, and a step with a dozen such
 copies (RandAugment's per-op draws) leaves the GPU idle between them. Copied from pinned memory
 with `non_blocking=True` the copy is queued like a kernel instead; torch's pinned-memory cache
-keeps the host buffer alive until the copy has run.
+keeps the host buffer alive until the copy has run. The pinned copy is made contiguous first:
+torch would otherwise gather a strided source into a new, pageable buffer before copying it.
 """
 
 from __future__ import annotations
@@ -22,4 +23,4 @@ def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None =
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device, dtype)
-    return t.pin_memory().to(device, dtype, non_blocking=True)
+    return t.contiguous().pin_memory().to(device, dtype, non_blocking=True)

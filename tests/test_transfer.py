@@ -16,7 +16,7 @@ def test_on_the_cpu_it_is_a_plain_move_and_converts_the_dtype():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_copy_is_queued_without_a_host_sync():
-    t = torch.rand(64, 3)
+    t = torch.rand(64, 3, 3, dtype=torch.float64)[:, :2]  # strided, like RandAugment's maps
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = to_device(t, "cuda", torch.float16)
