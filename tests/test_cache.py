@@ -357,3 +357,27 @@ def test_cli_check_prints_summary_or_one_line_error(good_cache, tmp_path, capsys
     assert "10 images of 8x8" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cxr: error: .*missing: not a finished cache"):
         main(["data", "check", str(tmp_path / "missing")])
+
+
+def test_two_processes_preparing_one_cache_both_get_it_and_it_is_made_once(tmp_path):
+    """Two chapters, or two ranks, asking for the same cache at once: the second waits for the
+    first and opens its result instead of writing into the same folder."""
+    out = tmp_path / "c"
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_cache import make_dataset\n"
+        "from cxr_lib.data.cache import prepare_cache\n"
+        f"cache = prepare_cache(make_dataset(24, source='slow'), {str(out)!r}, size=8, "
+        "workers=1, chunk=4, progress=False)\n"
+        "print(len(cache))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (stdout, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr[-2000:]
+        assert stdout.strip() == "24"
+    ds = make_dataset(24)
+    reference = prepare_cache(ds, tmp_path / "ref", size=8, workers=1, progress=False)
+    assert open_cache(out).images.tobytes() == reference.images.tobytes()
+    assert not (tmp_path / "c.partial").exists()

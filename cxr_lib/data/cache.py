@@ -19,11 +19,14 @@ written first, each chunk of images is written straight into the memory map by a
 and flushed, and only then does the parent drop a marker file in `done/`. A killed or failed
 run keeps its finished chunks; rerunning the same request skips them. `meta.json` with
 `complete: true` is written last and the folder is renamed to `out`, so a half-written cache
-is never taken for a finished one.
+is never taken for a finished one. One process prepares a folder at a time (an exclusive lock
+on `<out>.lock`): a second one asking for the same cache, another chapter or another rank,
+waits and then opens the finished cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -40,6 +43,11 @@ from PIL import Image
 from tqdm import tqdm  # text bars: they render in the static book without widget JavaScript
 
 from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint
+
+try:
+    import fcntl  # POSIX; on Windows preparation goes unlocked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 FORMAT = 1
 KEY_COLUMNS = ("id", "patient", "split", "source", "path")  # what the pixels and rows depend on
@@ -116,22 +124,39 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: nothing to cache, the data set is empty")
     plan = _plan_table(dataset)
-    if is_complete(out):
-        _refuse_if_different(out, _read_table(out / "index.parquet"), _read_json(out)["size"],
-                             plan, size)
+    if is_complete(out):  # finished caches never change: no lock needed (nor a writable folder)
+        return _open_finished(out, plan, size)
+    with _exclusive(out):
+        if is_complete(out):  # finished by another process while this one waited
+            return _open_finished(out, plan, size)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DataError(f"{out}: exists and is not a finished cache; remove it or choose "
+                            "another output folder")
+        partial = out.with_name(out.name + ".partial")
+        if not is_complete(partial):
+            _fill(partial, dataset, plan, size=size, workers=workers or _default_workers(),
+                  chunk=chunk, progress=progress)
+        else:
+            _refuse_if_different(partial, _read_table(partial / "index.parquet"),
+                                 _read_json(partial)["size"], plan, size)
+        _finish(partial, out)
         return open_cache(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a finished cache; remove it or choose "
-                        "another output folder")
-    partial = out.with_name(out.name + ".partial")
-    if not is_complete(partial):
-        _fill(partial, dataset, plan, size=size, workers=workers or _default_workers(),
-              chunk=chunk, progress=progress)
-    else:
-        _refuse_if_different(partial, _read_table(partial / "index.parquet"),
-                             _read_json(partial)["size"], plan, size)
-    _finish(partial, out)
+
+
+def _open_finished(out: Path, plan: pd.DataFrame, size: int) -> Cache:
+    _refuse_if_different(out, _read_table(out / "index.parquet"), _read_json(out)["size"],
+                         plan, size)
     return open_cache(out)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold the lock of cache folder `out` (`<out>.lock`, kept: removing a lock file races)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes or the process dies
+        yield
 
 
 def open_cache(path: str | Path) -> Cache:
