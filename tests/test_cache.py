@@ -173,7 +173,6 @@ def test_folder_that_is_not_a_cache_is_refused_and_empty_one_used(tmp_path):
     assert len(cache) == 4
 
 
-
 def test_only_a_finished_cache_is_complete(tmp_path):
     ds = png_dataset(tmp_path / "png", 8)
     Path(ds.meta["path"][5]).write_bytes(b"not a png")

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import pytest
 from test_browser import check_book_in_browser
-from test_chapters import assert_reads_cleanly
+from test_chapters import CHAPTERS, ROOT, assert_reads_cleanly
 
 from cxr_lib.book import build_book
-from cxr_lib.profiles import repo_root
 from cxr_lib.published import published_chestxray14
 
-ROOT = repo_root()
-CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EDITION = ROOT / "book" / "chapters"
 
 
@@ -25,13 +22,9 @@ def test_published_table_holds_the_papers_headline_numbers():
     assert len(table) == 8 and table["mean AUC (%)"].between(70, 90).all()
 
 
-def _published(chapter: str) -> dict:
-    return json.loads((EDITION / f"{chapter}.ipynb").read_text())
-
-
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_every_chapter_is_published_executed_cleanly_under_the_profile_the_intro_names(chapter):
-    nb = _published(chapter)
+    nb = json.loads((EDITION / f"{chapter}.ipynb").read_text())
     profile = nb["metadata"]["papermill"]["parameters"]["profile"]
     intro = (ROOT / "book" / "intro.md").read_text()
     assert f"executed with the `{profile}` profile" in intro
