@@ -130,7 +130,11 @@ def to_float(x_u8: Tensor, mean: Stat, std: Stat, channels: int = 1) -> Tensor:
     _check_batch(x_u8)
     if x_u8.dtype != torch.uint8:
         raise ValueError(f"to_float expects a uint8 batch, got {x_u8.dtype}")
-    x = x_u8.float().div_(255.0)  # [B, 1, H, W]
+    return normalise(x_u8.float().div_(255.0), mean, std, channels)
+
+
+def normalise(x: Tensor, mean: Stat, std: Stat, channels: int = 1) -> Tensor:
+    """float [B, 1 or channels, H, W] in 0..1 -> (x - mean) / std, [B, channels, H, W]."""
     if channels != x.shape[1]:
         x = x.expand(-1, channels, -1, -1)  # [B, channels, H, W]
     mean_t = _per_channel(mean, channels, x.device)  # [1, channels, 1, 1]
@@ -139,10 +143,12 @@ def to_float(x_u8: Tensor, mean: Stat, std: Stat, channels: int = 1) -> Tensor:
 
 
 def _per_channel(value: Stat, channels: int, device: torch.device) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()  # [1 or C]
+    """The values as [1, C, 1, 1] on `device`: made on the CPU and queued there, because a
+    tensor made from Python numbers directly on a GPU is a synchronising copy."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()  # [1 or C]
     if t.numel() not in (1, channels):
         raise ValueError(f"expected 1 or {channels} normalisation values, got {t.numel()}")
-    return t.expand(channels).view(1, channels, 1, 1)  # [1, C, 1, 1]
+    return to_device(t, device).expand(channels).view(1, channels, 1, 1)  # [1, C, 1, 1]
 
 
 def pixel_stats(images_u8: np.ndarray | Tensor, max_images: int = 1000) -> tuple[float, float]:

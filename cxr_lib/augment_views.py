@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cxr_lib.augment import Stat, center_resize, hflip, random_resized_crop, to_float
+from cxr_lib.augment import Stat, center_resize, hflip, normalise, random_resized_crop, to_float
 from cxr_lib.transfer import to_device
 
 BLUR_REFERENCE_SIZE = 224  # MoCo v2's blur sigmas are in pixels of a 224-px crop
@@ -111,7 +111,4 @@ class MocoAugment:
 
     def _normalise(self, x: Tensor) -> Tensor:
         """float [B, 1, S, S] in 0..1 -> (x - mean) / std, [B, channels, S, S]."""
-        x = x.expand(-1, self.channels, -1, -1)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalise(x, self.mean, self.std, self.channels)

@@ -119,6 +119,12 @@ def warp(v: Tensor, matrices: Tensor, fill: float) -> Tensor:
 
 # ----------------------------------------------------------------------------- pixel ops
 
+# Constant kernels live on the CPU and are queued to the device with `to_device`: made from
+# Python numbers on a GPU (or written into there), they would cost a host sync each call.
+_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL SMOOTH
+
+
 def _per_image(t: Tensor, v: Tensor) -> Tensor:
     return to_device(t, v.device, v.dtype).view(-1, 1, 1, 1)  # [n, 1, 1, 1]
 
@@ -127,7 +133,7 @@ def _grey(v: Tensor) -> Tensor:
     """PIL's convert("L"): the image itself for one channel, ITU-R 601 luma for RGB."""
     if v.shape[1] == 1:
         return v
-    weights = torch.tensor([0.299, 0.587, 0.114], device=v.device, dtype=v.dtype)
+    weights = to_device(_LUMA, v.device, v.dtype)
     return (v * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)  # [n, 1, H, W]
 
 
@@ -139,9 +145,7 @@ def _blend(degenerate: Tensor, v: Tensor, factor: Tensor) -> Tensor:
 def _smooth(v: Tensor) -> Tensor:
     """PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, /13), border pixels kept."""
     c = v.shape[1]
-    kernel = torch.ones(3, 3, device=v.device, dtype=v.dtype)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13).expand(c, 1, 3, 3)  # [C, 1, 3, 3]
+    kernel = to_device(_SMOOTH, v.device, v.dtype).expand(c, 1, 3, 3)  # [C, 1, 3, 3]
     inner = F.conv2d(v, kernel, groups=c).round()  # [n, C, H-2, W-2]
     out = v.clone()
     out[..., 1:-1, 1:-1] = inner

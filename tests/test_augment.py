@@ -16,6 +16,9 @@ from cxr_lib.augment import (
     sample_crop_boxes,
     to_float,
 )
+from cxr_lib.augment_views import MocoAugment
+from cxr_lib.finetune import FinetuneAugment
+from cxr_lib.randaugment import RandAugment
 
 
 def batch(b: int = 4, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
@@ -130,3 +133,22 @@ def test_crop_resampling_matches_torchvision_distribution():
     assert frac.mean() == pytest.approx(0.693, abs=0.01)
     assert frac.std() == pytest.approx(0.118, abs=0.01)
     assert math.isclose(float(frac.min()), 0.5, abs_tol=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("augment", [
+    MaeAugment(64, mean=0.45, std=0.22, channels=3),
+    FinetuneAugment(64, (0.5, 1.0), 0.45, 0.22, RandAugment(9.0, prob=1.0), rotation=30.0),
+    MocoAugment(64, mean=(0.4, 0.5, 0.6), std=0.25, channels=3),
+], ids=["mae", "finetune-randaugment-rotation", "moco"])
+def test_on_a_gpu_the_augmentations_queue_without_a_host_sync(augment):
+    x = torch.randint(0, 256, (256, 1, 96, 96), dtype=torch.uint8, device="cuda")
+    generator = torch.Generator().manual_seed(0)
+    augment(x, generator)  # the first call loads kernels and fills the pinned-memory pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host sync now raises
+    try:
+        out = augment(x, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.is_cuda and out.shape[-2:] == (64, 64) and bool(torch.isfinite(out).all())

@@ -9,6 +9,7 @@ import json
 from contextlib import contextmanager
 from functools import partial
 
+import fastai.torch_core
 import numpy as np
 import pytest
 import torch
@@ -273,7 +274,9 @@ class _Layout(Callback):
         self.seen = self.learn.xb[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_channels_last_cnn(tmp_path):
+def test_channels_last_cnn(tmp_path, monkeypatch):
+    # the engine trains on fastai's default device: keep it on the CPU on a GPU machine too
+    monkeypatch.setattr(fastai.torch_core.defaults, "use_cuda", False)
     with _one_thread():
         model, layout = _cnn(), _Layout()
         _fit(model, tmp_path / "on", [layout], channels=3, channels_last=True)
