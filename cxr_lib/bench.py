@@ -510,8 +510,8 @@ class _SyncWatch:
 
 class _Clock:
     """Wall time of steps warmup .. warmup+steps-1 (counted from 0), the device synchronised at
-    both ends, so the time covers the steps' data, transfer and compute; on CUDA also the
-    host syncs from the end of step 0 to the end of the warm-up."""
+    both ends, so the time covers the steps' data, transfer and compute; on CUDA also the peak
+    memory of those steps and the host syncs from the end of step 0 to the end of the warm-up."""
 
     def __init__(self, device: torch.device, settings: BenchSettings) -> None:
         self.device, self.s = device, settings
@@ -521,7 +521,6 @@ class _Clock:
         if self.cuda:
             gc.collect()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
 
     def _now(self) -> float:
         if self.cuda:
@@ -533,6 +532,8 @@ class _Clock:
             self._watch = _SyncWatch().__enter__()
         if i == self.s.warmup - 1:
             self.close()
+            if self.cuda:  # the peak of the timed steps: not a compile trial's copy
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.t0 = self._now()
         if i == self.s.total_steps - 1:
             self.t1 = self._now()
