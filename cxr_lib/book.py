@@ -99,14 +99,14 @@ def run_book(
         print(f"[{number}/{len(notebooks)}] {notebook.stem} ...", flush=True)
         start = time.perf_counter()
         try:
-            executed.append(run_chapter(notebook, loaded.parameters(notebook.stem, work_dir),
+            executed.append(run_chapter(notebook, loaded.parameters(notebook, work_dir),
                                         out_dir))
         finally:
             outcome = "done" if len(executed) == number else "failed"
             print(f"[{number}/{len(notebooks)}] {notebook.stem} {outcome} after "
                   f"{_duration(time.perf_counter() - start)}", flush=True)
     if publish:
-        _publish(executed, repo / CHAPTERS_DIR)
+        _publish(executed, repo)
     return executed
 
 
@@ -160,18 +160,24 @@ def _failure_message(stem: str, err: Exception, failed: Path) -> str:
     return f"chapter {stem} failed in {where}: {what}{kept}"
 
 
-def _publish(executed: Iterable[Path], book_chapters: Path) -> None:
-    """Copy executed notebooks into book/chapters/, each by copy-then-rename."""
+def _publish(executed: Iterable[Path], repo: Path) -> None:
+    """Copy executed notebooks into book/chapters/, each by write-then-rename. Papermill's record
+    of the input and output paths is made relative to the project, so that, like `work_dir`,
+    the published edition names no machine's folders."""
+    import nbformat
+
+    book_chapters = repo / CHAPTERS_DIR
     book_chapters.mkdir(parents=True, exist_ok=True)
     for notebook in executed:
-        _copy_atomic(notebook, book_chapters / notebook.name)
+        content = nbformat.read(notebook, as_version=4)
+        record = content.metadata.get("papermill", {})
+        for key in ("input_path", "output_path"):
+            if record.get(key) and Path(record[key]).is_relative_to(repo):
+                record[key] = Path(record[key]).relative_to(repo).as_posix()
+        partial = book_chapters / f"{notebook.name}.partial"
+        nbformat.write(content, partial)
+        os.replace(partial, book_chapters / notebook.name)
     print(f"published to {book_chapters}", flush=True)
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.copy2(src, partial)
-    os.replace(partial, dest)
 
 
 def _duration(seconds: float) -> str:

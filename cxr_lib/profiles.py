@@ -49,11 +49,14 @@ class Profile:
     chapters: dict[str, dict[str, Any]]
     path: Path
 
-    def parameters(self, chapter_stem: str, work_dir: str | Path) -> dict[str, Any]:
-        """The papermill parameters of one chapter: shared ∪ chapter section, plus `profile` and
-        `work_dir` (absolute, because papermill runs the notebook from the notebooks folder)."""
-        params = {**self.shared, **self.chapters.get(chapter_stem, {})}
-        params.update(profile=self.name, work_dir=str(Path(work_dir).resolve()))
+    def parameters(self, notebook: str | Path, work_dir: str | Path) -> dict[str, Any]:
+        """The papermill parameters of one chapter notebook: shared ∪ its section, plus `profile`
+        and `work_dir`. Papermill runs the notebook from its own folder, so `work_dir` is given
+        relative to that folder (e.g. ../build/cpu): an executed chapter names no machine's path."""
+        notebook = Path(notebook)
+        params = {**self.shared, **self.chapters.get(notebook.stem, {})}
+        where = os.path.relpath(Path(work_dir).resolve(), notebook.parent.resolve())
+        params.update(profile=self.name, work_dir=Path(where).as_posix())
         return params
 
 

@@ -97,6 +97,17 @@ def test_executed_notebooks_land_in_build_and_in_book_when_published(executed):
     assert sorted(p.name for p in published.iterdir()) == [p.name for p in paths]
 
 
+def test_published_notebooks_name_paths_relative_to_the_project(executed):
+    repo, paths = executed
+    notebook = nbformat.read(repo / "book" / "chapters" / paths[1].name, as_version=4)
+    injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert 'work_dir = "../build/tiny"' in injected[0].source
+    record = notebook.metadata["papermill"]
+    assert record["input_path"] == "notebooks/02_mae_pretraining.ipynb"
+    assert record["output_path"] == "build/tiny/chapters/02_mae_pretraining.running.ipynb"
+    assert str(repo) not in (repo / "book" / "chapters" / paths[1].name).read_text()
+
+
 def test_failing_chapter_names_chapter_and_cell_and_keeps_good_output(tmp_path, capsys):
     repo = make_repo(tmp_path, "shared: {greeting: hi}\n")
     write_notebook(repo / "notebooks" / "01_ok.ipynb", "OK", 'NAME = "ok"\n' + REPORT)

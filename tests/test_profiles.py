@@ -43,12 +43,15 @@ def test_chapter_section_wins_over_shared_and_runner_adds_profile_and_work_dir(r
     write_profile(repo, "p", "shared: {seed: 3, size: 64, data_root: null}\n"
                              "chapters:\n  01_alpha: {size: 32, only_here: true}\n")
     profile = load_profile("p", repo=repo)
-    first = profile.parameters("01_alpha", tmp_path / "build" / "p")
-    second = profile.parameters("02_beta", "relative/work")
+    notebooks = repo / "notebooks"
+    first = profile.parameters(notebooks / "01_alpha.ipynb", repo / "build" / "p")
+    second = profile.parameters(notebooks / "02_beta.ipynb", tmp_path.parent / "elsewhere")
     assert first == {"seed": 3, "size": 32, "only_here": True, "data_root": None,
-                     "profile": "p", "work_dir": str((tmp_path / "build" / "p").resolve())}
+                     "profile": "p", "work_dir": "../build/p"}
     assert second["size"] == 64 and "only_here" not in second
-    assert Path(second["work_dir"]).is_absolute()
+    # relative to the notebook's folder, where papermill runs it: no machine's path in the book
+    assert not Path(second["work_dir"]).is_absolute()
+    assert (notebooks / second["work_dir"]).resolve() == (tmp_path.parent / "elsewhere").resolve()
 
 
 def test_a_profile_loads_by_name_or_by_path(repo):

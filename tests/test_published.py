@@ -30,9 +30,18 @@ def test_every_chapter_is_published_executed_cleanly_under_the_profile_the_intro
     assert f"executed with the `{profile}` profile" in intro
     assert_reads_cleanly(nb)
     source = json.loads((ROOT / "notebooks" / f"{chapter}.ipynb").read_text())
-    assert [c["source"] for c in source["cells"] if c["cell_type"] == "markdown"] == [
-        c["source"] for c in nb["cells"] if c["cell_type"] == "markdown"], (
-        "the published prose differs from notebooks/: publish the chapter again")
+    assert _written(source) == _written(nb), (
+        "the published chapter differs from notebooks/: publish the chapter again")
+    record = nb["metadata"]["papermill"]
+    paths = record["input_path"], record["output_path"], record["parameters"]["work_dir"]
+    assert not any(Path(p).is_absolute() for p in paths), (
+        f"the edition names the build machine's folders {paths}: publish the chapter again")
+
+
+def _written(notebook: dict) -> list[tuple[str, str]]:
+    """A notebook's cells as written (type, source), without papermill's injected cell."""
+    return [(c["cell_type"], "".join(c["source"])) for c in notebook["cells"]
+            if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
 
 
 @pytest.fixture(scope="module")
