@@ -68,6 +68,7 @@ from cxr_lib.models.classifier import build_classifier, is_vit
 from cxr_lib.models.mae import build_mae
 from cxr_lib.models.moco import MoCo
 from cxr_lib.randaugment import RandAugment, fill_level
+from cxr_lib.runs import atomic_write_text
 from cxr_lib.study import resolve_device
 from cxr_lib.train import (
     TrainConfig,
@@ -729,7 +730,8 @@ def _workspace(work_dir: Path | None) -> Iterator[Path]:
 def run_bench(tasks: Sequence[str] = tuple(TASKS), settings: BenchSettings | None = None, *,
               json_out: str | Path | None = None,
               log: Callable[[str], None] | None = print) -> list[BenchResult]:
-    """Measure `tasks` (names in `TASKS`) with `settings`; optionally write the JSON report."""
+    """Measure `tasks` (names in `TASKS`) with `settings`; optionally write the JSON report,
+    rewritten after every task, so a run that fails or is stopped keeps what it measured."""
     settings = settings or BenchSettings()
     settings.check()
     unknown = [t for t in tasks if t not in TASKS]
@@ -744,8 +746,12 @@ def run_bench(tasks: Sequence[str] = tuple(TASKS), settings: BenchSettings | Non
             if log:
                 log(f"bench: {name} on {device} ...")
             results.append(bench_task(TASKS[name], settings, device, files, cache, work))
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(bench_report(results, settings), indent=1))
+            if log:
+                log(f"bench: {name}: " + ", ".join(
+                    f"{p} {results[-1].pipelines[p].images_per_s:,.0f} img/s" for p in PIPELINES))
+            if json_out is not None:
+                atomic_write_text(json.dumps(bench_report(results, settings), indent=1),
+                                  json_out)
     return results
 
 

@@ -6,6 +6,7 @@ channels-last CNNs, the fused optimizer's construction, and the operational sett
 
 import argparse
 import json
+import re
 from contextlib import contextmanager
 from functools import partial
 
@@ -129,6 +130,29 @@ def test_bench_writes_png_files_and_reuses_its_cache(bench_run):
     assert len(pngs) == 2
     caches = [p for p in (work / "work").glob("cache-73px-12-*") if p.is_dir()]  # not .lock
     assert len(caches) == 1 and (caches[0] / "meta.json").exists()
+
+
+def test_a_failing_task_leaves_the_report_of_the_tasks_before_it(tmp_path, monkeypatch):
+    real = bench.bench_task
+
+    def second_fails(task, *args):
+        if task.name == "mae_vit_s":
+            raise RuntimeError("CUDA out of memory")
+        return real(task, *args)
+
+    monkeypatch.setattr(bench, "bench_task", second_fails)
+    settings = BenchSettings(device="cpu", tiny=True, batch_size=4, steps=2, warmup=1,
+                             image_size=64, png_size=96, png_count=2, workers=1,
+                             work_dir=tmp_path / "work")
+    lines = []
+    with _one_thread(), pytest.raises(RuntimeError, match="out of memory"):
+        run_bench(["finetune_densenet121", "mae_vit_s"], settings, json_out=tmp_path / "b.json",
+                  log=lines.append)
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [t["task"] for t in report["tasks"]] == ["finetune_densenet121"]
+    assert re.fullmatch(r"bench: finetune_densenet121: reference [\d,]+ img/s, "
+                        r"ours [\d,]+ img/s, step [\d,]+ img/s", lines[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "work"]  # no temp file
 
 
 # ----------------------------------------------------------------------------- pieces
