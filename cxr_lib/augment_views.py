@@ -99,7 +99,7 @@ class MocoAugment:
         factor = self.size / BLUR_REFERENCE_SIZE
         sigma = (self.blur_sigma[0] * factor, self.blur_sigma[1] * factor)
         x = gaussian_blur(x, sigma, self.blur_p, generator)
-        return self._normalise(x)
+        return normalise(x, self.mean, self.std, self.channels)  # [B, channels, S, S]
 
     def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """uint8 [B, 1, H, W] -> two independent views, float [2, B, channels, size, size]."""
@@ -107,8 +107,4 @@ class MocoAugment:
 
     def plain(self, x_u8: Tensor) -> Tensor:
         """The deterministic evaluation view (central square) with the same normalisation."""
-        return self._normalise(to_float(center_resize(x_u8, self.size), 0.0, 1.0))
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        """float [B, 1, S, S] in 0..1 -> (x - mean) / std, [B, channels, S, S]."""
-        return normalise(x, self.mean, self.std, self.channels)
+        return to_float(center_resize(x_u8, self.size), self.mean, self.std, self.channels)

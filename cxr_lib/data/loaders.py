@@ -128,15 +128,14 @@ class CacheBatches:
             at = to_device(torch.from_numpy(pos), self.device)
             return images[at], labels[at]  # [B, 1, S, S], [B, F]
         rows = self.indices[pos]
-        pin = self.device.type == "cuda"
         size = self.cache.size
-        x = torch.empty((len(rows), 1, size, size), dtype=torch.uint8, pin_memory=pin)
+        # gathered straight into pinned memory on a GPU, so to_device copies it without a second
+        x = torch.empty((len(rows), 1, size, size), dtype=torch.uint8,
+                        pin_memory=self.device.type == "cuda")
         # mode="clip" writes into `out` directly (rows are validated); "raise" would buffer.
         np.take(self.cache.images, rows, axis=0, out=x.numpy()[:, 0], mode="clip")
         y = torch.from_numpy(self.cache.labels[rows])  # [B, F]
-        if pin:
-            y = y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return to_device(x, self.device), to_device(y, self.device)
 
     def to(self, device: str | torch.device) -> CacheBatches:
         """Move batches (and the resident copy, if any) to `device`."""
