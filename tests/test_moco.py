@@ -34,6 +34,7 @@ from cxr_lib.models.moco import MoCo, build_moco, info_nce, split_forward
 from cxr_lib.study import chapter_cache
 from cxr_lib.train import fit, model_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 RECIPE = MocoRecipe(model="resnet10t", img_size=32, dim=16, hidden_dim=32, queue_size=64,
                     bn_splits=2)
 KNN = KnnSettings(k=5, batch_size=64)
@@ -242,7 +243,6 @@ def _fit_tiny(cache, root, cbs=()):
 
 
 def test_a_crashed_run_resumes_to_the_same_queue_and_key_encoder(cache, tmp_path):
-    torch.set_num_threads(1)
     ref_model, ref = _fit_tiny(cache, tmp_path / "ref")
     assert int(ref_model.queue_ptr) == (ref.metrics["steps"] * 8) % 20
     assert ref.history["knn_auc"].isna().tolist() == [True, False, False]  # every 2, and last
@@ -256,7 +256,6 @@ def test_a_crashed_run_resumes_to_the_same_queue_and_key_encoder(cache, tmp_path
 
 
 def test_pretraining_trains_then_loads_the_finished_run(cache, tmp_path):
-    torch.set_num_threads(1)
     config = moco_config(2, 16, base_lr=0.3)
     first = pretrain_moco(cache, RECIPE, config, tmp_path, knn=KNN, progress=False)
     assert not first.run.loaded_from_cache and len(first.run.history) == 2

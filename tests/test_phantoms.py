@@ -277,7 +277,7 @@ def _cnn_scores(x_train, y_train, x_test, epochs: int = 12, batch: int = 32) -> 
         return net(torch.from_numpy(x_test)[:, None]).numpy()  # [M, F]
 
 
-def test_learnable_by_a_small_cnn_but_not_by_a_linear_model():
+def test_learnable_by_a_small_cnn_but_not_by_a_linear_model(one_thread):
     """Findings vary in place, size and contrast on varying anatomy, pose and exposure, so a
     linear model on pixels cannot average them out; a small CNN trained for seconds can."""
     config = PhantomConfig(prevalence={f: 0.2 for f in DRAWN}, co_occurrence=(),
@@ -290,12 +290,7 @@ def test_learnable_by_a_small_cnn_but_not_by_a_linear_model():
     flat = x.reshape(len(x), -1)
     linear = max(_mean_auc(y[~train], s)
                  for s in _linear_scores(flat[train], y[train], flat[~train]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cnn = _mean_auc(y[~train], _cnn_scores(x[train], y[train], x[~train]))
-    finally:
-        torch.set_num_threads(threads)
+    cnn = _mean_auc(y[~train], _cnn_scores(x[train], y[train], x[~train]))
     assert cnn > 0.72, f"the CNN does not learn the phantoms (mean AUC {cnn:.3f})"
     assert linear > 0.55, f"not even a linear model finds any signal ({linear:.3f})"
     assert cnn - linear > 0.07, f"linear {linear:.3f} is as good as the CNN {cnn:.3f}"

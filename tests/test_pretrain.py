@@ -22,6 +22,7 @@ from cxr_lib.pretrain import (
 from cxr_lib.study import chapter_cache
 from cxr_lib.train import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 RECIPE = MaeRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, decoder_dim=32,
                    decoder_depth=1, decoder_heads=2)
 CONFIG = TrainConfig(epochs=2, batch_size=16, base_lr=1e-3, warmup_epochs=1)
@@ -34,7 +35,6 @@ def cache(tmp_path_factory):
 
 
 def test_pretraining_trains_then_loads_the_finished_run(cache, tmp_path):
-    torch.set_num_threads(1)
     first = pretrain_mae(cache, RECIPE, CONFIG, tmp_path, progress=False)
     assert not first.run.loaded_from_cache
     assert len(first.run.history) == 2 and first.run.history["train_loss"].notna().all()

@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from cxr_lib.train import (
     model_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 THRESHOLDS = torch.tensor([120.0, 128.0, 136.0])  # three "findings" read off the image
 
 
@@ -80,17 +80,6 @@ def _fit(model, root, config, train=None, valid=None, cbs=(), **kw):
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                  b.state_dict().values(), strict=True))
-
-
-@contextmanager
-def _one_thread():
-    """Bit-exact comparisons across processes need the same CPU thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class _Record(Callback):
@@ -201,8 +190,7 @@ def _resume_fit(root: Path, cbs=()):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    with _one_thread():
-        return _resume_fit(tmp_path_factory.mktemp("reference"))
+    return _resume_fit(tmp_path_factory.mktemp("reference"))
 
 
 def _assert_same_run(resumed, reference):
@@ -228,18 +216,16 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
     state = torch.load(run / "last.pt", weights_only=True)["state"]
     assert (state["step"], state["epoch"], state["batch"]) == (6, 1, 1)  # not step 7
     assert not runs.is_finished(run) and len(runs.read_history(run)) == 1
-    with _one_thread():
-        resumed = _resume_fit(tmp_path)
+    resumed = _resume_fit(tmp_path)
     assert resumed[1].resumed_from_step == 6 and resumed[1].path == run
     _assert_same_run(resumed, reference)
     assert runs.is_finished(run)
 
 
 def test_crash_at_an_epoch_end_then_resume_is_bit_identical(tmp_path, reference):
-    with _one_thread():
-        with pytest.raises(_Crash):
-            _resume_fit(tmp_path, [_CrashAt(11)])
-        resumed = _resume_fit(tmp_path)
+    with pytest.raises(_Crash):
+        _resume_fit(tmp_path, [_CrashAt(11)])
+    resumed = _resume_fit(tmp_path)
     assert resumed[1].resumed_from_step == 10  # the checkpoint due at step 10 ended epoch 1
     _assert_same_run(resumed, reference)
 
