@@ -58,6 +58,8 @@ from torchvision.transforms import v2
 
 from cxr_lib.augment import MaeAugment
 from cxr_lib.augment_views import MocoAugment
+from cxr_lib.bench_options import TASK_NAMES, BenchSettings, settings_from_args
+from cxr_lib.bench_tables import PIPELINES, format_markdown, format_table
 from cxr_lib.contrastive import MocoRecipe, MomentumQueue, moco_config
 from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.core import FINDINGS, DataError, XrayDataset, read_image_row
@@ -81,7 +83,6 @@ from cxr_lib.train import (
     model_loss,
 )
 
-PIPELINES = ("reference", "ours", "step")
 MEAN, STD = 0.5, 0.25  # normalisation (0..1 units); speed does not depend on it
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, NVIDIA data sheets; first match
 # of the name wins, so the specific names come before "H100".
@@ -89,46 +90,6 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
     ("A100", 312.0),
 )
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What `run_bench` measures with; the defaults are the issue's one-H100 comparison."""
-
-    device: str = "auto"  # "auto", "cuda", "cpu"
-    batch_size: int = 256
-    steps: int = 50  # timed steps
-    warmup: int = 10  # untimed steps first (compilation, autotuning, worker start-up)
-    image_size: int = 224  # the model's input
-    cache_size: int | None = None  # None: image_size x 8/7 (256 px for 224), as the study
-    png_dir: Path | None = None  # real PNG files; None: synthetic phantoms are written
-    png_size: int = 1024  # side of the phantom PNGs
-    png_count: int = 64  # phantom PNGs to write
-    workers: int = 16  # the reference's DataLoader workers; also writes PNGs and the cache
-    model: str | None = None  # another ViT for the ViT tasks, e.g. vit_base_patch16
-    tiny: bool = False  # stand-in models, same code paths: checks that the bench runs (CPU)
-    compile: bool = False  # TrainConfig.compile for ours and the step alone
-    work_dir: Path | None = None  # PNGs, caches, throwaway runs; None: a temporary folder
-    seed: int = 0
-
-    @property
-    def cache_px(self) -> int:
-        return self.cache_size or round(self.image_size * 8 / 7)
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.steps
-
-    def check(self) -> None:
-        for name in ("batch_size", "steps", "warmup", "image_size", "png_size", "png_count"):
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"BenchSettings.{name} must be at least 1, got "
-                                 f"{getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"BenchSettings.workers must be >= 0, got {self.workers}")
-        if self.cache_px < self.image_size:
-            raise ValueError(f"cache_size {self.cache_px} is smaller than image_size "
-                             f"{self.image_size}")
 
 
 @dataclass
@@ -727,7 +688,7 @@ def _workspace(work_dir: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def run_bench(tasks: Sequence[str] = tuple(TASKS), settings: BenchSettings | None = None, *,
+def run_bench(tasks: Sequence[str] = TASK_NAMES, settings: BenchSettings | None = None, *,
               json_out: str | Path | None = None,
               log: Callable[[str], None] | None = print) -> list[BenchResult]:
     """Measure `tasks` (names in `TASKS`) with `settings`; optionally write the JSON report,
@@ -763,69 +724,13 @@ def bench_report(results: Sequence[BenchResult], settings: BenchSettings) -> dic
     return {"settings": s, "torch": torch.__version__, "tasks": [r.to_dict() for r in results]}
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def format_table(results: Sequence[BenchResult]) -> str:
-    """One row per task and pipeline, then the device and the notes."""
-    rows = []
-    for r in results:
-        for name in PIPELINES:
-            d = r.derived(name)
-            rows.append({"task": r.task, "pipeline": name,
-                         "img/s": f"{d['images_per_s']:,.1f}",
-                         "vs reference": f"{d['speedup_vs_reference']:.2f}x",
-                         "of step": f"{d['fraction_of_step']:.0%}",
-                         "GFLOP/img": f"{r.flops_per_image / 1e9:.3g}",
-                         "TFLOP/s": f"{d['tflops']:.3g}",
-                         "% of peak": _fmt(d["peak_fraction"], ".1%"),
-                         "peak GiB": _fmt(d["peak_memory_gib"], ".2f"),
-                         "syncs/step": _fmt(d["syncs_per_step"], ".2g")})
-    lines = [pd.DataFrame(rows).to_string(index=False)]
-    for r in results[:1]:
-        peak = f"{r.peak_tflops:g} TFLOP/s dense bf16" if r.peak_tflops else "no listed peak"
-        lines.append(f"device: {r.device} ({peak}); batch {r.batch_size}, {r.image_size} px")
-    lines += [f"{r.task}: {note}" for r in results for note in r.notes]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- command line
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `cxr bench` (defaults: BenchSettings)."""
-    d = BenchSettings()
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--device", default=d.device, help="auto, cuda or cpu")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
-    parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--cache-size", type=int, help="cache side (default image size x 8/7)")
-    parser.add_argument("--png-dir", type=Path,
-                        help="real PNG files (e.g. the NIH images); default: write phantoms")
-    parser.add_argument("--png-size", type=int, default=d.png_size, help="phantom PNG side")
-    parser.add_argument("--png-count", type=int, default=d.png_count, help="phantom PNGs")
-    parser.add_argument("--workers", type=int, default=d.workers,
-                        help="DataLoader workers of the reference pipeline")
-    parser.add_argument("--model", help="another ViT for the ViT tasks, e.g. vit_base_patch16")
-    parser.add_argument("--tiny", action="store_true",
-                        help="stand-in models, same code paths: a quick check that it runs")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the engine's step (and the step alone)")
-    parser.add_argument("--work-dir", type=Path,
-                        help="keep PNGs and caches here (default: a temporary folder)")
-    parser.add_argument("--json", type=Path, help="also write the JSON report to this file")
-
-
 def main_bench(args: argparse.Namespace) -> list[BenchResult]:
-    """`cxr bench`: run, then print the table and the JSON report."""
-    settings = BenchSettings(
-        device=args.device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-        image_size=args.image_size, cache_size=args.cache_size, png_dir=args.png_dir,
-        png_size=args.png_size, png_count=args.png_count, workers=args.workers,
-        model=args.model, tiny=args.tiny, compile=args.compile, work_dir=args.work_dir)
+    """`cxr bench`: run, then print the tables (text or Markdown) and the JSON report."""
+    settings = settings_from_args(args)
     results = run_bench(args.tasks, settings, json_out=args.json)
-    print(format_table(results))
-    print(json.dumps(bench_report(results, settings), indent=1))
+    report = bench_report(results, settings)
+    print(format_markdown(report) if args.markdown else format_table(report))
+    print(json.dumps(report, indent=1))
     return results

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxr_lib.bench import add_bench_arguments
+from cxr_lib.bench_options import add_bench_arguments
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -247,9 +247,15 @@ def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.report is not None:  # a saved report: its tables, without importing torch
+        from cxr_lib.bench_tables import format_markdown, format_table, read_report
+
+        report = read_report(args.report)
+        print(format_markdown(report) if args.markdown else format_table(report))
+        return
     from cxr_lib.bench import main_bench
 
-    main_bench(args)  # prints the table, then the JSON report (also written to --json FILE)
+    main_bench(args)  # prints the tables, then the JSON report (also written to --json FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,10 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as err:  # a clear one-line message on the command line, not a traceback
+        from cxr_lib.bench_tables import ReportError
         from cxr_lib.book import BookError
         from cxr_lib.data import DataError
 
-        if isinstance(err, (DataError, BookError, FileNotFoundError)):
+        if isinstance(err, (DataError, BookError, ReportError, FileNotFoundError)):
             sys.exit(f"cxr: error: {err}")
         raise
 

@@ -1,13 +1,16 @@
 """`cxr bench` on a CPU with tiny stand-in models: every task runs its three pipelines and the
-table and JSON report every field (not the speed); FLOP counting, the phantom PNGs and the
-peak table. Then the engine's fast-path options: torch.compile with its fallback to eager,
-channels-last CNNs, the fused optimizer's construction, and the operational settings.
+table and JSON report every field (not the speed); the tables of a saved report and the goals
+checked in them; FLOP counting, the phantom PNGs and the peak table. Then the engine's
+fast-path options: torch.compile with its fallback to eager, channels-last CNNs, the fused
+optimizer's construction, and the operational settings.
 """
 
 import argparse
+import copy
 import json
 import re
-from contextlib import contextmanager
+import subprocess
+import sys
 from functools import partial
 
 import fastai.torch_core
@@ -21,10 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cxr_lib import bench, runs
 from cxr_lib.bench import (
-    PIPELINES,
     TASKS,
-    BenchSettings,
-    add_bench_arguments,
     count_flops,
     main_bench,
     peak_tflops,
@@ -32,7 +32,20 @@ from cxr_lib.bench import (
     run_bench,
     write_phantom_pngs,
 )
+from cxr_lib.bench_options import TASK_NAMES, BenchSettings, add_bench_arguments
+from cxr_lib.bench_tables import (
+    GOALS,
+    PIPELINES,
+    ReportError,
+    format_markdown,
+    format_table,
+    goal_rows,
+    goals_unchecked,
+    read_report,
+)
+from cxr_lib.cli import main
 from cxr_lib.data.core import DataError
+from cxr_lib.profiles import repo_root
 from cxr_lib.train import (
     TrainConfig,
     cnn_fast_path,
@@ -42,21 +55,11 @@ from cxr_lib.train import (
     masked_bce_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 COLUMNS = ("task", "pipeline", "img/s", "vs reference", "of step", "GFLOP/img", "TFLOP/s",
            "% of peak", "peak GiB", "syncs/step")
 FIELDS = ("images_per_s", "seconds", "peak_memory_gib", "syncs_per_step", "speedup_vs_reference",
           "fraction_of_step", "tflops", "peak_fraction")
-
-
-@contextmanager
-def _one_thread():
-    """Two OpenMP threads on two shared, busy cores spin-wait: one thread is many times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +72,7 @@ def bench_run(tmp_path_factory):
                               "--warmup", "1", "--image-size", "64", "--png-size", "96",
                               "--png-count", "2", "--workers", "1", "--tiny",
                               "--work-dir", str(work / "work"), "--json", str(work / "b.json")])
-    with _one_thread():
-        results = main_bench(args)
+    results = main_bench(args)
     return results, json.loads((work / "b.json").read_text()), work
 
 
@@ -97,31 +99,120 @@ def test_bench_runs_every_task_and_reports_every_field(bench_run):
         assert any("cache of 12 images at 73 px" in note for note in r.notes)  # 4 x 3 rows
 
 
-def test_the_cxr_command_takes_the_same_options():
-    """cli.py copies the option lines (to keep torch out of `cxr --help`); they must agree."""
-    from cxr_lib.cli import build_parser
-
-    argv = ["--device", "cpu", "--tiny", "--png-dir", "x", "--json", "y.json"]
-    try:
-        cli = vars(build_parser().parse_args(["bench", *argv]))
-    except SystemExit:
-        pytest.skip("cxr has no bench command yet")
-    own = argparse.ArgumentParser()
-    add_bench_arguments(own)
-    expected = vars(own.parse_args(argv))
-    assert {k: v for k, v in cli.items() if k in expected} == expected
-    assert set(expected) <= set(cli)
+def test_the_cxr_command_starts_without_the_training_stack():
+    """`cxr --help`, every other command and the tables of a saved report import no torch
+    (it took 7 s to import on 2 cores when `cxr` loaded the bench for its options)."""
+    code = ("import sys; import cxr_lib.cli, cxr_lib.bench_tables; "
+            "cxr_lib.cli.build_parser().parse_args(['bench', '--tiny']); "
+            "print(sorted({'torch', 'fastai', 'timm'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    assert tuple(TASKS) == TASK_NAMES  # the options' task names are the bench's tasks
 
 
 def test_bench_table_has_a_row_per_task_and_pipeline(bench_run):
-    results, _, _ = bench_run
-    table = bench.format_table(results)
+    results, report, _ = bench_run
+    table = format_table(report)
+    assert table == format_table(bench.bench_report(results, BenchSettings(**report["settings"])))
     lines = table.splitlines()
     assert all(col in lines[0] for col in COLUMNS)
     rows = [line.split() for line in lines[1:1 + 3 * len(TASKS)]]
     assert [(row[0], row[1]) for row in rows] == [(t, p) for t in TASKS for p in PIPELINES]
     assert all(row[-3:] == ["n/a", "n/a", "n/a"] for row in rows)  # peak share, memory, syncs
-    assert "device: cpu (no listed peak); batch 4, 64 px" in table
+    assert re.search(r"^device: cpu \(no listed peak\); batch 4, 64 px, 2 timed steps after 1, "
+                     r"phantom PNGs of 96 px, reference on 1 data-loader worker; torch \S+$",
+                     table, re.MULTILINE)
+    assert ("goals (one H100, 224 px, the default models): not checked: tiny stand-in models"
+            in table)
+
+
+def _as_if_on(report, device, **ours):
+    """The report with its device renamed, the default settings, and "ours" measuring `ours`
+    per task (a dict of fields) for checking the goals."""
+    out = copy.deepcopy(report)
+    out["settings"].update(tiny=False, image_size=224)
+    for t in out["tasks"]:
+        t["device"] = device
+        t["pipelines"]["ours"].update(ours.get(t["task"], {}))
+    return out
+
+
+def test_goals_are_checked_on_an_h100_at_the_default_settings(bench_run):
+    _, report, _ = bench_run
+    cpu_rows = goal_rows(report)
+    assert [(r["task"], r["met"]) for r in cpu_rows] == [(g.task, "n/a") for g in GOALS]
+    assert len(cpu_rows) == 2 * len(TASKS)  # a speed or speed-up, and the share of the step
+    assert [r["task"] for r in cpu_rows] == [t for t in TASK_NAMES for _ in range(2)]
+    on_h100 = _as_if_on(
+        report, "NVIDIA H100 80GB HBM3",
+        mae_vit_s={"images_per_s": 12_000.0, "fraction_of_step": 0.95},
+        mae_vit_s_8b={"images_per_s": 5_499.0, "fraction_of_step": 0.9},
+        finetune_vit_s={"images_per_s": 4_000.0, "fraction_of_step": 0.89},
+        finetune_densenet121={"images_per_s": 2_500.0, "fraction_of_step": 1.0},
+        moco_densenet121={"speedup_vs_reference": 3.2, "fraction_of_step": 0.97})
+    assert goals_unchecked(on_h100) is None
+    met = {(r["task"], r["goal for ours"]): (r["measured"], r["met"])
+           for r in goal_rows(on_h100)}
+    assert met[("mae_vit_s", "at least 10,000 img/s (aim 14,000 img/s)")] == ("12,000 img/s",
+                                                                              "yes")
+    assert met[("mae_vit_s_8b", "at least 5,500 img/s")] == ("5,499 img/s", "no")
+    assert met[("finetune_vit_s", "at least 4,000 img/s")] == ("4,000 img/s", "yes")
+    assert met[("finetune_vit_s", "at least 90% of the step alone")] == (
+        "89% of the step alone", "no")
+    assert met[("moco_densenet121", "at least 3.00x the reference")] == (
+        "3.20x the reference", "yes")
+    assert "goals (one H100, 224 px, the default models): checked" in format_table(on_h100)
+    assert goals_unchecked(_as_if_on(report, "NVIDIA H200")) is None
+    assert goals_unchecked(_as_if_on(report, "NVIDIA A100-SXM4-80GB")) == (
+        "NVIDIA A100-SXM4-80GB, not an H100")
+    smaller = _as_if_on(report, "NVIDIA H100 80GB HBM3")
+    smaller["settings"]["image_size"] = 64
+    assert goals_unchecked(smaller) == "64 px, not 224"
+    smaller["settings"].update(image_size=224, model="vit_base_patch16")
+    assert goals_unchecked(smaller) == "another model (vit_base_patch16)"
+
+
+def test_markdown_tables_for_the_performance_page(bench_run):
+    _, report, _ = bench_run
+    page = format_markdown(report)
+    assert page.startswith("Device: cpu (no listed peak); batch 4, 64 px")
+    blocks = [b.splitlines() for b in page.split("\n\n") if b.startswith("|")]
+    assert [len(b) for b in blocks] == [2 + 3 * len(TASKS), 2 + len(GOALS)]  # header, rule
+    for block in blocks:
+        cells = [line.count("|") for line in block]
+        assert len(set(cells)) == 1 and block[1].startswith("| --- |")
+    assert blocks[0][0] == "| " + " | ".join(COLUMNS) + " |"
+    assert "Goals (one H100, 224 px, the default models): not checked" in page
+    assert any(line.startswith("- mae_vit_s: tiny stand-in model") for line in
+               page.splitlines())
+
+
+def test_cxr_bench_prints_the_tables_of_a_saved_report(bench_run, tmp_path, capsys):
+    _, report, work = bench_run
+    main(["bench", "--report", str(work / "b.json")])
+    assert capsys.readouterr().out == format_table(report) + "\n"
+    main(["bench", "--report", str(work / "b.json"), "--markdown"])
+    assert capsys.readouterr().out == format_markdown(report) + "\n"
+    assert read_report(work / "b.json") == report
+
+
+def test_a_file_that_is_not_a_bench_report_is_refused(bench_run, tmp_path):
+    _, report, _ = bench_run
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"^cxr: error: .*bad.json: not JSON"):
+        main(["bench", "--report", str(bad)])
+    bad.write_text(json.dumps({"tasks": []}))
+    with pytest.raises(ReportError, match="not a cxr bench report"):
+        read_report(bad)
+    other = copy.deepcopy(report)
+    other["tasks"][0]["task"] = "mae_vit_b"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(ReportError, match="task 'mae_vit_b' is not a cxr bench task"):
+        read_report(bad)
+    with pytest.raises(SystemExit, match="cxr: error: .*missing.json"):
+        main(["bench", "--report", str(tmp_path / "missing.json")])
 
 
 def test_bench_writes_png_files_and_reuses_its_cache(bench_run):
@@ -145,7 +236,7 @@ def test_a_failing_task_leaves_the_report_of_the_tasks_before_it(tmp_path, monke
                              image_size=64, png_size=96, png_count=2, workers=1,
                              work_dir=tmp_path / "work")
     lines = []
-    with _one_thread(), pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(RuntimeError, match="out of memory"):
         run_bench(["finetune_densenet121", "mae_vit_s"], settings, json_out=tmp_path / "b.json",
                   log=lines.append)
     report = json.loads((tmp_path / "b.json").read_text())
@@ -153,6 +244,21 @@ def test_a_failing_task_leaves_the_report_of_the_tasks_before_it(tmp_path, monke
     assert re.fullmatch(r"bench: finetune_densenet121: reference [\d,]+ img/s, "
                         r"ours [\d,]+ img/s, step [\d,]+ img/s", lines[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "work"]  # no temp file
+
+
+def test_the_performance_page_states_the_goals_and_shows_every_saved_report():
+    page = (repo_root() / "book" / "performance.md").read_text()
+    for goal in GOALS:
+        if goal.measure != "fraction_of_step":
+            assert f"| `{goal.task}` | {goal.text} |" in page
+    assert {g.bar for g in GOALS if g.measure == "fraction_of_step"} == {0.9}
+    assert "| every task | at least 90% of the step alone:" in page
+    results = page.split("\n## Results\n")[1]
+    reports = sorted((repo_root() / "book" / "bench").glob("*.json"))
+    for path in reports:  # the page's tables are `cxr bench --report PATH --markdown`
+        assert format_markdown(read_report(path)) in results, path.name
+    if not reports:
+        assert results.startswith("\nNo GPU run has been made yet, so no goal has been checked.")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -264,13 +370,12 @@ class _Unavailable(nn.Module):
 
 
 def test_failed_compile_falls_back_to_eager_and_trains_the_same_weights(tmp_path, monkeypatch):
-    with _one_thread():
-        eager = _mlp()
-        _fit(eager, tmp_path / "eager")
-        monkeypatch.setattr(torch, "compile", lambda model, **kw: _Unavailable())
-        fallback = _mlp()
-        with pytest.warns(UserWarning, match="torch.compile failed, training eagerly"):
-            res = _fit(fallback, tmp_path / "compiled", compile=True)
+    eager = _mlp()
+    _fit(eager, tmp_path / "eager")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: _Unavailable())
+    fallback = _mlp()
+    with pytest.warns(UserWarning, match="torch.compile failed, training eagerly"):
+        res = _fit(fallback, tmp_path / "compiled", compile=True)
     assert res.metrics["compile"] == "RuntimeError: no C++ compiler found"
     assert _same(fallback, eager)  # the trial ran on a copy, under a forked RNG
 
@@ -278,11 +383,10 @@ def test_failed_compile_falls_back_to_eager_and_trains_the_same_weights(tmp_path
 def test_compiled_training_saves_plain_checkpoints(tmp_path, monkeypatch):
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", partial(real_compile, backend="eager"))  # dynamo only
-    with _one_thread():
-        model = _mlp()
-        res = _fit(model, tmp_path, compile=True)
-        reference = _mlp()
-        _fit(reference, tmp_path / "eager")
+    model = _mlp()
+    res = _fit(model, tmp_path, compile=True)
+    reference = _mlp()
+    _fit(reference, tmp_path / "eager")
     assert res.metrics["compile"] == "compiled"
     ckpt = torch.load(res.path / runs.CHECKPOINT, weights_only=True)
     assert list(ckpt["model"]) == list(_mlp().state_dict())  # no `_orig_mod.` prefix
@@ -301,14 +405,13 @@ class _Layout(Callback):
 def test_channels_last_cnn(tmp_path, monkeypatch):
     # the engine trains on fastai's default device: keep it on the CPU on a GPU machine too
     monkeypatch.setattr(fastai.torch_core.defaults, "use_cuda", False)
-    with _one_thread():
-        model, layout = _cnn(), _Layout()
-        _fit(model, tmp_path / "on", [layout], channels=3, channels_last=True)
-        assert layout.seen
-        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-        auto, layout = _cnn(), _Layout()
-        _fit(auto, tmp_path / "auto", [layout], channels=3)  # auto: CUDA only
-        assert not layout.seen
+    model, layout = _cnn(), _Layout()
+    _fit(model, tmp_path / "on", [layout], channels=3, channels_last=True)
+    assert layout.seen
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    auto, layout = _cnn(), _Layout()
+    _fit(auto, tmp_path / "auto", [layout], channels=3)  # auto: CUDA only
+    assert not layout.seen
     cuda = torch.device("cuda")  # the decision only reads the device type
     assert cnn_fast_path(None, _cnn(), cuda) and not cnn_fast_path(None, _mlp(), cuda)
     assert not cnn_fast_path(None, _cnn(), torch.device("cpu"))
