@@ -38,3 +38,30 @@ def sweep_sentence(setting: str, values: Sequence, scores: Sequence[float],
         parts.append(f"{label} ({value}) reached {score:.3f}, {where}")
     spread = max(scores) - min(scores)
     return "; ".join(parts) + f". All settings lie within {spread:.3f} of each other."
+
+
+def floor_sentence(scores: Sequence[float], floor: float, what: str) -> str:
+    """How many of a sweep's scores clear a floor, e.g. the probe AUC of an untrained encoder
+    (`what`: "the untrained encoder"): a setting below it learnt nothing worth having."""
+    below = sum(score < floor for score in scores)
+    if below == 0:
+        return f"Every setting cleared {what} ({floor:.3f})."
+    if below == len(scores):
+        return f"No setting cleared {what} ({floor:.3f})."
+    return f"{below} of the {len(scores)} settings fell below {what} ({floor:.3f})."
+
+
+def check_sentence(setting: str, values: Sequence, judged: Sequence[float],
+                   checked: Sequence[float], split: str = "the test split") -> str:
+    """Whether another split (`checked` scores, aligned with `values`) puts the best value where
+    the split the sweep was judged on (`judged`) does; when it does not, the sweep has not
+    settled the setting."""
+    if not len(values) == len(judged) == len(checked) or not len(values):
+        raise ValueError("check_sentence: values and both scores must be non-empty and aligned")
+    best = max(range(len(values)), key=lambda i: judged[i])
+    other = max(range(len(values)), key=lambda i: checked[i])
+    if checked[other] == checked[best]:
+        return f"On {split} the best was the same, {setting} {values[best]} ({checked[best]:.3f})."
+    return (f"On {split} the best was {setting} {values[other]} ({checked[other]:.3f}), not "
+            f"{values[best]} ({checked[best]:.3f}): the two splits disagree, so this sweep has "
+            "not settled the setting.")

@@ -30,3 +30,25 @@ def test_sweep_sentence_handles_tuples_and_refuses_unknown_marks():
     assert "the paper ((0.5, 1.0)) reached 0.600" in text
     with pytest.raises(ValueError, match="not among the values"):
         report.sweep_sentence("crop scale", scales, [0.5, 0.6], {"x": (0.8, 1.0)})
+
+
+def test_floor_sentence_counts_the_settings_below_the_floor():
+    assert (report.floor_sentence([0.58, 0.62, 0.59], 0.601, "the untrained encoder")
+            == "2 of the 3 settings fell below the untrained encoder (0.601).")
+    assert report.floor_sentence([0.62, 0.7], 0.6, "it") == "Every setting cleared it (0.600)."
+    assert report.floor_sentence([0.5, 0.55], 0.6, "it") == "No setting cleared it (0.600)."
+
+
+def test_check_sentence_says_whether_the_test_split_agrees():
+    values = [0.55, 0.75, 1.0]
+    same = report.check_sentence("layer decay", values, [0.60, 0.64, 0.61], [0.50, 0.53, 0.52])
+    assert same == "On the test split the best was the same, layer decay 0.75 (0.530)."
+    other = report.check_sentence("layer decay", values, [0.60, 0.64, 0.61],
+                                  [0.56, 0.53, 0.52])
+    assert other == ("On the test split the best was layer decay 0.55 (0.560), not 0.75 "
+                     "(0.530): the two splits disagree, so this sweep has not settled the "
+                     "setting.")
+    tie = report.check_sentence("drop path", [0.0, 0.2], [0.5, 0.6], [0.51, 0.51])
+    assert tie.startswith("On the test split the best was the same, drop path 0.2")
+    with pytest.raises(ValueError, match="aligned"):
+        report.check_sentence("x", [1, 2], [0.5, 0.6], [0.5])
