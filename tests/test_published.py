@@ -20,6 +20,9 @@ def test_published_table_holds_the_papers_headline_numbers():
     assert xiao.loc[("ViT-S/16", "X-ray MAE"), "mean AUC (%)"] == 82.3
     assert xiao.loc[("DenseNet-121", "X-ray MoCo v2"), "mean AUC (%)"] == 80.6
     assert len(table) == 8 and table["mean AUC (%)"].between(70, 90).all()
+    over = table.set_index("source")["averaged over"]
+    assert set(over["Xiao et al. 2023"]) == {"the 14 findings"}
+    assert over["Deutch and Levin (MedTransformer)"].startswith("15 labels")
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
