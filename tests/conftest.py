@@ -1,5 +1,6 @@
 import pytest
 import torch
+from fastai.torch_core import defaults
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fastai_device():
+    """resolve_device("cpu") pins fastai's engine to the CPU for the whole process; each test
+    gets the choice it found back, so that on a GPU machine later tests train where they
+    would alone."""
+    before = defaults.use_cuda
+    yield
+    defaults.use_cuda = before

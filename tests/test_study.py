@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastai.torch_core import default_device, defaults
 
 from cxr_lib.study import chapter_cache, chapter_dataset, resolve_device
 
@@ -16,6 +17,22 @@ def test_resolve_device_names_the_device_and_refuses_a_missing_gpu():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_auto_after_cpu_takes_the_gpu_again_when_there_is_one():
+    """fastai keeps the device process-wide: 'cpu' must not stick to a later 'auto'."""
+    resolve_device("cpu")
+    assert defaults.use_cuda is False and default_device() == torch.device("cpu")
+    expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    assert resolve_device("auto") == expected == default_device()
+    assert defaults.use_cuda is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_numbered_gpu_becomes_the_one_fastai_trains_on():
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) == default_device()
+    torch.cuda.set_device(0)
 
 
 def test_chapters_draw_phantoms_without_a_data_root_and_share_one_cache(tmp_path):
