@@ -29,7 +29,6 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -39,6 +38,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    fail_at_line,
     read_image_row,
 )
 from cxr_lib.data.splits import patient_split
@@ -182,7 +182,7 @@ def _read_rows(path: Path) -> pd.DataFrame:
                 if len(fields) != len(header):
                     if len(fields) <= 1 and not "".join(fields).strip():
                         continue  # a blank line
-                    _fail(path, reader.line_num,
+                    fail_at_line(path, reader.line_num,
                           f"{len(fields)} fields where the header has {len(header)}")
                 rows.append(fields)
                 lines.append(reader.line_num)
@@ -197,15 +197,11 @@ def _read_rows(path: Path) -> pd.DataFrame:
     return raw
 
 
-def _fail(path: Path, line: int, message: str) -> NoReturn:
-    raise DataError(f"{path}, line {int(line)}: {message}")
-
-
 def _fail_where(path: Path, raw: pd.DataFrame, bad: pd.Series | np.ndarray,
                 message: Callable[[str], str], values: pd.Series) -> None:
     """Fail on the first row where `bad` holds, describing its value with `message(value)`."""
     if bad.any():
-        _fail(path, raw["line"][bad].iloc[0], message(values[bad].iloc[0]))
+        fail_at_line(path, raw["line"][bad].iloc[0], message(values[bad].iloc[0]))
 
 
 def _ages(raw: pd.DataFrame, path: Path) -> pd.Series:
@@ -237,7 +233,7 @@ def _check_csvs_disjoint(train: pd.DataFrame, valid: pd.DataFrame, train_csv: Pa
     shared = valid["patient"].isin(first_line.index)
     if shared.any():
         patient = valid["patient"][shared].iloc[0]
-        _fail(valid_csv, valid["line"][shared].iloc[0],
+        fail_at_line(valid_csv, valid["line"][shared].iloc[0],
               f"patient {patient!r} is also in {train_csv} (line {first_line[patient]}); the "
               "official validation patients must not be in train.csv")
 

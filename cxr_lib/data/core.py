@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,11 @@ ImageLoader = Callable[[pd.Series], np.ndarray]
 
 class DataError(ValueError):
     """Bad input data. The message names the file (and the row, where there is one)."""
+
+
+def fail_at_line(path: Path, line: int, message: str) -> NoReturn:
+    """Raise the DataError of a bad line of a table file (lines count from 1, the header's)."""
+    raise DataError(f"{path}, line {int(line)}: {message}")
 
 
 def read_image(path: str | Path) -> np.ndarray:
