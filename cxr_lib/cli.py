@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from cxr_lib.bench_options import add_bench_arguments
@@ -358,12 +359,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as err:  # a clear one-line message on the command line, not a traceback
-        from cxr_lib.bench_tables import ReportError
         from cxr_lib.book import BookError
-        from cxr_lib.data import DataError
+        from cxr_lib.models.classifier import WeightsUnavailable
+        from cxr_lib.train import TrainingDiverged
 
-        if isinstance(err, (DataError, BookError, ReportError, FileNotFoundError)):
-            sys.exit(f"cxr: error: {err}")
+        # The library raises ValueError (DataError, ProfileError and ReportError among them)
+        # for settings, files and data it refuses, with a message written for the user.
+        if isinstance(err, (ValueError, BookError, TrainingDiverged, WeightsUnavailable,
+                            FileNotFoundError)):
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            sys.exit(f"cxr: error: {err} ({type(err).__name__} at "
+                     f"{Path(frame.filename).name}:{frame.lineno})")
         raise
 
 

@@ -64,6 +64,17 @@ def test_bad_input_ends_with_a_one_line_error(tmp_path):
               str(tmp_path / "out")])
     with pytest.raises(SystemExit, match=r"^cxr: error: "):
         main(["data", "check", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^cxr: error: .*typo: no such folder"):
+        main(["data", "prepare", "--source", "chestxray14", "--root", str(tmp_path / "typo"),
+              "--out", str(tmp_path / "out")])
+
+
+def test_a_setting_the_library_refuses_is_a_one_line_error_naming_where(tmp_path):
+    """ValueErrors of the library are messages for the user; the line says where it was
+    raised, for a bug report, instead of printing the traceback."""
+    with pytest.raises(SystemExit, match=r"^cxr: error: --axis 'foo': write NAME=V1,V2 .*"
+                                         r"\(ValueError at cli\.py:\d+\)$"):
+        main(["grid", "--data", str(tmp_path), "--axis", "foo"])
 
 
 def _finetune_recipe(*options: str):

@@ -212,6 +212,7 @@ def test_original_label_file_format(tmp_path):
     (row("00000009_000.png", "No Finding|Mass"), r"line 3: unknown finding 'No Finding'"),
     (row("00000009_000.png", "Infiltrate"), r"line 3: unknown finding 'Infiltrate'"),
     (row("00000009_000.png", patient="P9"), r"line 3: Patient ID 'P9' is not an integer"),
+    (row("00000009_000.png", patient="2.5"), r"line 3: Patient ID 2.5 is not an integer$"),
     (row("00000009_000.png", age="old"), r"line 3: Patient Age 'old' is not a number"),
     (row("00000009_000.png", sex="X"), r"line 3: Patient Gender 'X' is not M or F"),
     ("00000009_000.png,Mass,0,9\n", r"line 3: missing field\(s\) \['Patient Age', 'Patient G"),
@@ -330,6 +331,9 @@ def test_no_label_file(tmp_path):
     with pytest.raises(DataError, match="no ChestX-ray14 label file") as err:
         read_chestxray14(tmp_path)
     assert DOWNLOAD_PAGE in str(err.value)
+    with pytest.raises(DataError, match=f"{tmp_path / 'typo'}: no such folder; give the "
+                       "ChestX-ray14 folder"):
+        read_chestxray14(tmp_path / "typo")
 
 
 # --- bounding boxes ---------------------------------------------------------------------------

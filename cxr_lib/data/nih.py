@@ -20,7 +20,6 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    fail_at_line,
     read_image_row,
 )
 from cxr_lib.data.splits import patient_split
@@ -59,6 +59,9 @@ _LOG = logging.getLogger(__name__)
 def find_label_file(root: str | Path) -> Path:
     """The label file under `root`: the v2020 revision if present, else the original."""
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give the ChestX-ray14 folder, the one holding "
+                        f"Data_Entry_2017_v2020.csv and images/ (download: {DOWNLOAD_PAGE})")
     candidates = [root / (name + gz) for name in LABEL_FILES for gz in ("", ".gz")]
     for path in candidates:
         if path.is_file():
@@ -165,11 +168,7 @@ def _check_unnamed_empty(raw: pd.DataFrame, path: Path) -> None:
         filled = ~_is_empty(raw[col])
         if filled.any():
             value = raw[col][filled].iloc[0]
-            _fail(path, raw["line"][filled].iloc[0], f"unexpected extra field {value!r}")
-
-
-def _fail(path: Path, line: int, message: str) -> NoReturn:
-    raise DataError(f"{path}, line {int(line)}: {message}")
+            fail_at_line(path, raw["line"][filled].iloc[0], f"unexpected extra field {value!r}")
 
 
 def _check_complete(raw: pd.DataFrame, columns: list[str], path: Path) -> None:
@@ -178,7 +177,7 @@ def _check_complete(raw: pd.DataFrame, columns: list[str], path: Path) -> None:
     if rows.any():
         i = int(np.flatnonzero(rows.to_numpy())[0])
         names = [c for c in columns if empty[c].iloc[i]]
-        _fail(path, raw["line"].iloc[i], f"missing field(s) {names}")
+        fail_at_line(path, raw["line"].iloc[i], f"missing field(s) {names}")
 
 
 def _numbers(raw: pd.DataFrame, col: str, path: Path, integer: bool) -> pd.Series:
@@ -188,7 +187,8 @@ def _numbers(raw: pd.DataFrame, col: str, path: Path, integer: bool) -> pd.Serie
     bad = values.isna() | (integer & (values != values.round()))
     if bad.any():
         kind = "an integer" if integer else "a number"
-        _fail(path, raw["line"][bad].iloc[0], f"{col} {raw[col][bad].iloc[0]!r} is not {kind}")
+        value = raw[col][bad].tolist()[0]  # a Python value: its repr has no numpy type name
+        fail_at_line(path, raw["line"][bad].iloc[0], f"{col} {value!r} is not {kind}")
     return values.astype(np.int64 if integer else np.float64)
 
 
@@ -208,7 +208,8 @@ def _ages(raw: pd.DataFrame, path: Path) -> pd.Series:
     parts = _text(age).str.extract(r"^(\d+)([YMD]?)$")
     bad = parts[0].isna()
     if bad.any():
-        _fail(path, raw["line"][bad].iloc[0], f"Patient Age {age[bad].iloc[0]!r} is not a number")
+        fail_at_line(path, raw["line"][bad].iloc[0],
+                     f"Patient Age {age[bad].tolist()[0]!r} is not a number")
     return parts[0].astype(np.float64) / parts[1].map(_AGE_UNITS).astype(np.float64)
 
 
@@ -216,7 +217,8 @@ def _sexes(raw: pd.DataFrame, path: Path) -> pd.Series:
     sex = _text(raw["Patient Gender"])
     bad = ~sex.isin(["M", "F"])
     if bad.any():
-        _fail(path, raw["line"][bad].iloc[0], f"Patient Gender {sex[bad].iloc[0]!r} is not M or F")
+        fail_at_line(path, raw["line"][bad].iloc[0],
+                     f"Patient Gender {sex[bad].tolist()[0]!r} is not M or F")
     return sex
 
 
@@ -225,7 +227,7 @@ def _check_unique_ids(ids: pd.Series, lines: pd.Series, path: Path) -> None:
     if dup.any():
         first = ids[dup].iloc[0]
         where = lines[ids == first].tolist()
-        _fail(path, where[-1], f"duplicate image id {first!r} (also on line {where[0]})")
+        fail_at_line(path, where[-1], f"duplicate image id {first!r} (also on line {where[0]})")
 
 
 def _multi_hot(finding_labels: pd.Series, lines: pd.Series, path: Path) -> np.ndarray:
@@ -237,7 +239,7 @@ def _multi_hot(finding_labels: pd.Series, lines: pd.Series, path: Path) -> np.nd
         try:
             table[c, _finding_indices(combo)] = 1.0
         except ValueError as err:
-            _fail(path, lines.iloc[int(np.argmax(codes == c))], str(err))
+            fail_at_line(path, lines.iloc[int(np.argmax(codes == c))], str(err))
     return table[codes]  # [N, 14]
 
 
@@ -283,9 +285,9 @@ def _read_list(path: Path, known: set[str]) -> set[str]:
         if not name:
             continue
         if name not in known:
-            _fail(path, line, f"{name!r} is not in the label file")
+            fail_at_line(path, line, f"{name!r} is not in the label file")
         if name in names:
-            _fail(path, line, f"{name!r} is listed twice")
+            fail_at_line(path, line, f"{name!r} is listed twice")
         names.add(name)
     return names
 
@@ -400,7 +402,7 @@ def read_bboxes(path: str | Path) -> pd.DataFrame:
     finding = _text(raw["finding"]).replace(_BOX_ALIASES)
     unknown = ~finding.isin(FINDINGS)
     if unknown.any():
-        _fail(path, raw["line"][unknown].iloc[0],
+        fail_at_line(path, raw["line"][unknown].iloc[0],
               f"unknown box finding {finding[unknown].iloc[0]!r}; expected one of {list(FINDINGS)}")
     boxes = pd.DataFrame({"id": _text(raw["id"]), "finding": finding})
     for col in ("x", "y", "w", "h"):
