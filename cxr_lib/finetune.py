@@ -56,7 +56,15 @@ from cxr_lib.models.classifier import (
 from cxr_lib.models.mae import LoadReport
 from cxr_lib.pretrain import cache_identity
 from cxr_lib.randaugment import RandAugment, fill_level
-from cxr_lib.train import RunResult, TrainConfig, ValidAUC, fit, masked_bce_loss, mean_auc
+from cxr_lib.train import (
+    RunResult,
+    TrainConfig,
+    ValidAUC,
+    eval_mode,
+    fit,
+    masked_bce_loss,
+    mean_auc,
+)
 
 TEST_SCORES = "test_scores.parquet"  # in the run folder: id, patient, one logit per finding
 
@@ -318,15 +326,12 @@ def evaluate_split(model: nn.Module, cache: Cache, split: str, augment: Finetune
     device = default_device()
     batches = CacheBatches(cache, rows, config.batch_size, device=device)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}
-    was_training = model.training
-    model.to(device).eval()
     scores = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=half.get(config.precision),
-                                                enabled=device.type == "cuda"
-                                                and config.precision != "fp32"):
+    with torch.inference_mode(), eval_mode(model.to(device)), torch.autocast(
+            device.type, dtype=half.get(config.precision),
+            enabled=device.type == "cuda" and config.precision != "fp32"):
         for x, _ in batches:
             scores.append(model(augment.plain(x)).float().cpu())  # [b, F] logits
-    model.train(was_training)
     return torch.cat(scores).numpy(), batches.indices
 
 

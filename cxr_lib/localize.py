@@ -14,8 +14,7 @@ y <= r + 0.5 <= y + h.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,21 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxr_lib.data.core import FINDINGS
+from cxr_lib.train import eval_mode
 
 BOX_COLUMNS = ("id", "finding", "x", "y", "w", "h")  # as `cxr_lib.data.nih.read_bboxes` reads
 NIH_BOX_SIZE = 1024  # the boxes are in pixels of the 1024 x 1024 originals
 ALL = "all"  # the row of `score_boxes` over every box
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off and batch norm on running statistics, as at test time; then restore."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- ViT attention
@@ -72,7 +61,7 @@ def _layer_attentions(vit: nn.Module, x: Tensor, last_only: bool) -> list[Tensor
 
     handles = [block.attn.register_forward_hook(record, with_kwargs=True) for block in blocks]
     try:
-        with torch.no_grad(), _eval_mode(vit):
+        with torch.no_grad(), eval_mode(vit):
             vit.forward_features(x)
     finally:
         for handle in handles:
@@ -188,7 +177,7 @@ def grad_cam(cnn: nn.Module, x: Tensor, target_class: int | Sequence[int] | Tens
     store: dict[str, Tensor] = {}
     handle = module.register_forward_hook(lambda m, args, out: store.__setitem__("act", out))
     try:
-        with torch.enable_grad(), _eval_mode(cnn):
+        with torch.enable_grad(), eval_mode(cnn):
             # the input asks for gradients so a frozen network still builds a graph
             logits = cnn(x.detach().float().requires_grad_(True))  # [B, classes]
             picked = logits.gather(1, target[:, None]).sum()

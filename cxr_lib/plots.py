@@ -10,6 +10,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from cxr_lib.train import eval_mode
+
 # A box as (x, y, width, height) in the pixel coordinates of the image it is drawn on.
 Box = tuple[float, float, float, float]
 
@@ -50,8 +52,7 @@ def mae_pictures(mae: torch.nn.Module, x: torch.Tensor, mean: float, std: float,
     """Pictures of masked autoencoding on normalised images x [B, 1, H, W]: the input, the
     input with its masked patches darkened, and the reconstruction with the visible patches
     pasted back; each uint8 [B, H, W]. The same seed draws the same mask."""
-    mae.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(mae):
         torch.manual_seed(seed)
         _, _, mask = mae(x, mask_ratio)  # [B, L], 1 = masked
         torch.manual_seed(seed)

@@ -28,7 +28,7 @@ from cxr_lib.models.mae import (
     load_mae_checkpoint,
 )
 from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
-from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
+from cxr_lib.train import RunResult, TrainConfig, eval_mode, fit, model_loss
 
 
 @dataclass(frozen=True)
@@ -173,14 +173,11 @@ def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, s
     """
     mae, plain = pretrained.mae, pretrained.augment.plain
     device = next(mae.parameters()).device
-    was_training = mae.training
-    mae.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(mae):
         for i in range(0, len(rows), batch_size):
             x = torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
             torch.manual_seed(seed + i)  # the same masks for every model
             loss, _, _ = mae(plain(x.to(device)))
             total, count = total + float(loss) * len(x), count + len(x)
-    mae.train(was_training)
     return total / count

@@ -6,6 +6,7 @@ Chapters 2, 4 and 6 use it to compare encoders cheaply before (or instead of) fi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 from cxr_lib.models.mae import MaskedAutoencoder
+from cxr_lib.train import eval_mode
 
 
 class MaePooledFeatures(nn.Module):
@@ -51,18 +53,11 @@ def extract_features(encoder_fn: Callable[[Tensor], Tensor], images_u8: np.ndarr
     if device is None:
         param = next(module.parameters(), None) if module is not None else None
         device = param.device if param is not None else torch.device("cpu")
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
     feats: list[Tensor] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(images_u8), batch_size):
-                xb = _batch(images_u8, start, start + batch_size).to(device)  # [b, 1, S, S]
-                feats.append(encoder_fn(transform(xb)).float().cpu())  # [b, D]
-    finally:
-        if module is not None:
-            module.train(was_training)
+    with torch.inference_mode(), eval_mode(module) if module is not None else nullcontext():
+        for start in range(0, len(images_u8), batch_size):
+            xb = _batch(images_u8, start, start + batch_size).to(device)  # [b, 1, S, S]
+            feats.append(encoder_fn(transform(xb)).float().cpu())  # [b, D]
     return torch.cat(feats).numpy()  # [N, D]
 
 

@@ -39,5 +39,6 @@ def test_mae_pictures_darken_exactly_the_masked_patches():
     # 16 patches of 8x8, 12 masked: 75% of the pixels darkened (bright pixels, so all change)
     assert changed.reshape(2, -1).mean(axis=1).tolist() == [0.75, 0.75]
     assert (pasted[~changed] == original[~changed]).all()  # visible patches pasted back
+    assert mae.training  # the model comes back in the mode it was given in
     again = mae_pictures(mae, x, mean=0.0, std=1.0, mask_ratio=0.75, seed=3)[1]
     assert (again == masked).all()  # the seed fixes the mask
