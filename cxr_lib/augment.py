@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from torchvision.ops import roi_align
 
 from cxr_lib.randaugment import affine_matrix, warp
 from cxr_lib.transfer import to_device
+
+if TYPE_CHECKING:
+    from cxr_lib.data.cache import Cache
 
 Stat = float | Sequence[float]
 
@@ -176,6 +180,13 @@ def spread_rows(rows: np.ndarray, count: int) -> np.ndarray:
     it (a merged cache holds its sources one after another), without reading all of it."""
     return rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), count)).round()
                           .astype(int))]
+
+
+def split_stats(cache: Cache, split: str = "train", images: int = 1000) -> tuple[float, float]:
+    """The normalisation of a cache's split: mean and standard deviation of its pixels (0..1)
+    over up to `images` evenly spread images, rounded to 4 places as the recipes store them."""
+    mean, std = pixel_stats(cache.images[spread_rows(cache.split_indices(split), images)])
+    return round(mean, 4), round(std, 4)
 
 
 def _check_batch(x: Tensor) -> None:

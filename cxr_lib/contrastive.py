@@ -27,7 +27,7 @@ from fastai.torch_core import default_device
 from torch import Tensor, nn
 
 from cxr_lib import runs
-from cxr_lib.augment import pixel_stats, spread_rows
+from cxr_lib.augment import split_stats
 from cxr_lib.augment_views import MocoAugment
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
@@ -112,14 +112,13 @@ def moco_config(epochs: int, batch_size: int, *, base_lr: float = 0.03,
                        momentum=0.9, weight_decay=1e-4, schedule="cosine", **changes)
 
 
-def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train",
-                 stats_images: int = 1000) -> MocoAugment:
+def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train") -> MocoAugment:
     """The recipe's two-view augmentation, normalised with the training images' statistics."""
-    mean, std = pixel_stats(cache.images[spread_rows(cache.split_indices(split), stats_images)])
+    mean, std = split_stats(cache, split)
     return MocoAugment(recipe.img_size, scale=recipe.crop_scale, brightness=recipe.brightness,
                        contrast=recipe.contrast, jitter_p=recipe.jitter_p,
                        blur_sigma=recipe.blur_sigma, blur_p=recipe.blur_p,
-                       mean=round(mean, 4), std=round(std, 4))
+                       mean=mean, std=std)
 
 
 # ----------------------------------------------------------------------------- kNN monitor

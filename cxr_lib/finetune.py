@@ -39,10 +39,9 @@ from cxr_lib import runs
 from cxr_lib.augment import (
     center_resize,
     hflip,
-    pixel_stats,
     random_resized_crop,
     random_rotate,
-    spread_rows,
+    split_stats,
     to_float,
 )
 from cxr_lib.data.cache import Cache
@@ -156,16 +155,12 @@ class FinetuneAugment:
         return to_float(center_resize(x_u8, self.size), self.mean, self.std)
 
 
-def finetune_augment(cache: Cache, recipe: FinetuneRecipe, split: str = "train",
-                     stats_images: int = 1000) -> FinetuneAugment:
+def finetune_augment(cache: Cache, recipe: FinetuneRecipe,
+                     split: str = "train") -> FinetuneAugment:
     """The recipe's augmentation, normalised with the recipe's statistics or else the pixel
     statistics of the training images (all of them, whatever share of labels is used:
     statistics need no labels)."""
-    if recipe.normalise is not None:
-        mean, std = recipe.normalise
-    else:
-        mean, std = (round(v, 4) for v in pixel_stats(cache.images[spread_rows(
-            cache.split_indices(split), stats_images)]))
+    mean, std = recipe.normalise if recipe.normalise is not None else split_stats(cache, split)
     randaug = (None if recipe.randaug_magnitude is None
                else RandAugment(magnitude=recipe.randaug_magnitude, fill=fill_level(mean)))
     return FinetuneAugment(recipe.img_size, tuple(recipe.crop_scale), mean, std, randaug,

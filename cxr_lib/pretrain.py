@@ -16,7 +16,7 @@ import torch
 from fastai.torch_core import default_device
 
 from cxr_lib import runs
-from cxr_lib.augment import MaeAugment, pixel_stats, spread_rows
+from cxr_lib.augment import MaeAugment, split_stats
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.models.classifier import load_start, read_state_dict
@@ -88,16 +88,11 @@ def cache_identity(cache: Cache) -> dict:
 
 
 def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",
-                stats_images: int = 1000,
                 normalise: tuple[float, float] | None = None) -> MaeAugment:
     """Crop/flip of the recipe, normalised with `normalise` (mean, std in 0..1) or else the
     pixel statistics of the training images."""
-    if normalise is None:
-        normalise = pixel_stats(cache.images[spread_rows(cache.split_indices(split),
-                                                         stats_images)])
-    mean, std = normalise
-    return MaeAugment(recipe.img_size, scale=recipe.crop_scale, mean=round(mean, 4),
-                      std=round(std, 4))
+    mean, std = (round(v, 4) for v in normalise) if normalise else split_stats(cache, split)
+    return MaeAugment(recipe.img_size, scale=recipe.crop_scale, mean=mean, std=std)
 
 
 def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root: str | Path,

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+from cxr_lib.augment import pixel_stats, split_stats
 from cxr_lib.cli import main
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.pretrain import (
@@ -45,7 +46,12 @@ def test_pretraining_trains_then_loads_the_finished_run(cache, tmp_path):
     other = pretrain_mae(cache, dataclasses.replace(RECIPE, mask_ratio=0.75), CONFIG, tmp_path,
                          progress=False)
     assert other.run.path != first.run.path  # the recipe is part of the run's identity
-    assert first.augment.scale == RECIPE.crop_scale and 0 < first.augment.mean < 1
+    assert first.augment.scale == RECIPE.crop_scale
+    train = cache.images[cache.split_indices("train")]  # under 1000 images: split_stats sees all
+    stats = tuple(round(v, 4) for v in pixel_stats(train))
+    assert (first.augment.mean, first.augment.std) == stats == split_stats(cache)
+    given = mae_augment(cache, RECIPE, normalise=(0.123456, 0.2))
+    assert (given.mean, given.std) == (0.1235, 0.2)
 
 
 def test_probe_scores_every_finding_with_both_classes(cache):
