@@ -416,6 +416,8 @@ def compile_or_eager(model: nn.Module, trial: Callable[[nn.Module], Any]
     deep copy, under a forked RNG: the real model, its buffers (batch-norm statistics, a MoCo
     queue) and the random streams are left as they were, and a training run stays exactly
     the run it would have been. The copy's kernels are cached, so the real compile is quick.
+    Under DDP the real compile traces the wrapper, which splits the graph at its gradient
+    buckets: the trial covers the model's own code, not that split.
     """
     probe = copy.deepcopy(unwrap_model(model))
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
