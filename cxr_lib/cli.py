@@ -216,7 +216,8 @@ def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
     profiled = cmd.add_argument_group("recipe (default: the profile's chapter 4, else the paper)")
     for flag, kwargs in (
             ("--model", {"help": "vit_tiny_patch16, vit_small_patch16, vit_base_patch16, "
-                                 "densenet121 or resnet50"}),
+                                 "hiera_tiny, hiera_small, hiera_base, densenet121 or "
+                                 "resnet50"}),
             ("--image-size", {"type": int}),
             ("--layer-decay", {"type": _parse_optional, "help": "a number, or none (ViT)"}),
             ("--drop-path", {"type": float}),

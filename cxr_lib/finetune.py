@@ -73,7 +73,7 @@ class FinetuneRecipe:
     """What is fine-tuned, from where, and how it is regularised (the optimiser and schedule
     are a TrainConfig). Defaults: the paper's ViT-S recipe, from random weights."""
 
-    model: str = "vit_small_patch16"  # an MAE preset name, or densenet121 / resnet50
+    model: str = "vit_small_patch16"  # a ViT or Hiera MAE preset, or densenet121 / resnet50
     init: str = "random"  # random, imagenet, mae, moco, torchvision
     weights: str | None = None  # the file for mae / moco / torchvision (imagenet: optional)
     img_size: int = 224

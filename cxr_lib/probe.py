@@ -1,6 +1,6 @@
 """A quick downstream probe: frozen features, one logistic regression per finding, ROC AUC.
 
-Chapters 2, 4 and 6 use it to compare encoders cheaply before (or instead of) fine-tuning.
+Chapter 2 uses it to compare encoders cheaply, without fine-tuning them.
 """
 
 from __future__ import annotations

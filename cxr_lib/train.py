@@ -41,9 +41,11 @@ stored in the checkpoint, per rank) or the loader's own (seed, epoch) order.
 
 Host syncs: fastai's `Recorder` and `ProgressCallback` move the loss to the CPU every batch
 (`to_detach`, `smooth_loss.item()`), which stalls a GPU. They are replaced here: losses are summed
-on the device and read once per epoch; the only sync left in the loop is the NaN check, every
-`nan_check_every` steps (25 by default: one sync in 25 steps costs nothing measurable, one every
-step keeps the host from queueing work ahead of the GPU). bf16 autocast (the default on CUDA)
+on the device and read once per epoch; the only sync the engine itself keeps is the NaN check,
+every `nan_check_every` steps (25 by default: one sync in 25 steps costs nothing measurable, one
+every step keeps the host from queueing work ahead of the GPU). A model can add its own: Hiera's
+MAE places the visible mask units with a boolean index, as timm's masked Hiera does, and each
+such index waits for the GPU. bf16 autocast (the default on CUDA)
 needs no gradient scaler; fp16's `GradScaler` reads its overflow flag every step, a sync.
 
 Fast path on a GPU (see `cxr bench`): the optimizer runs fused kernels (one launch for all
@@ -519,8 +521,9 @@ class _EpochBatches(GetAttr):
 
     On resume the RNG is put back to its state when the epoch began, the batches already done
     are drawn and dropped (so a torch DataLoader's shuffle and worker seeds come out the same),
-    then the RNG of the checkpoint is restored: the rest of the epoch is identical. A loader
-    whose order depends on the epoch only (`set_epoch`) makes the dropped batches cheap.
+    then the RNG of the checkpoint is restored: the rest of the epoch is identical. The dropped
+    batches are still read (CacheBatches gathers each), so a resume late in a long epoch first
+    re-reads what that epoch had read.
     """
 
     _default = "dl"

@@ -34,8 +34,9 @@ SOURCE = "phantom"
 VISIT_BITS = 4  # up to 16 images per patient share one anatomy
 _PATIENT_BITS = 24  # patients per data-set seed, so seeds of different data sets never collide
 
-# Relative frequencies follow ChestX-ray14 (Infiltration, Effusion, Atelectasis most common,
-# Hernia rarest) but are raised so a few hundred phantoms already hold positives of every class.
+# Relative frequencies follow ChestX-ray14 (Infiltration, Effusion, Atelectasis most common;
+# Hernia, the rarest there, among the rarest here) but are raised so a few hundred phantoms
+# already hold positives of every class.
 DEFAULT_PREVALENCE: dict[str, float] = {
     "Atelectasis": 0.14,
     "Cardiomegaly": 0.08,
