@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from samples import sample
 from test_browser import check_book_in_browser
-from test_nih import sample
 
 from cxr_lib.book import build_book, run_book
 from cxr_lib.profiles import repo_root

@@ -1,24 +1,13 @@
 """The `cxr data` commands on the real samples, and their one-line errors."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from samples import sample
 
 from cxr_lib.cli import main
 from cxr_lib.data.cache import open_cache
 from cxr_lib.data.nih import read_chestxray14
-
-SAMPLE = Path(os.environ.get("CXR_SAMPLE_DATA", Path(__file__).resolve().parents[2] / "shared"
-                             / "data"))
-
-
-def sample(name: str) -> Path:
-    root = SAMPLE / name
-    if not root.is_dir():
-        pytest.skip(f"the real sample {root} is absent (set CXR_SAMPLE_DATA)")
-    return root
 
 
 def test_prepare_the_nih_sample_finds_every_image_in_its_official_split(tmp_path, capsys):

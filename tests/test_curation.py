@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from samples import sample
 
 from cxr_lib import curation
 from cxr_lib.data.core import FINDINGS, DataError
 
-SAMPLE_DATA = Path(os.environ.get("CXR_SAMPLE_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
 F3 = ["Atelectasis", "Effusion", "Mass"]
 
 # Six images of four patients; i6 has an absurd age (414, as in the original NIH file).
@@ -133,9 +129,7 @@ def test_misaligned_labels_are_refused():
 
 
 def test_real_sample_statistics():
-    root = SAMPLE_DATA / "nih-cxr14-sample"
-    if not root.is_dir():
-        pytest.skip(f"real sample {root} absent (set CXR_SAMPLE_DATA to the samples' folder)")
+    root = sample("nih-cxr14-sample")
     from cxr_lib.data.nih import read_chestxray14
 
     ds = read_chestxray14(root)

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from samples import sample
 
 from cxr_lib.data.core import FINDINGS, DataError, XrayDataset, merge, read_image_row
 from cxr_lib.data.folder import read_class_folders
-
-SAMPLE_DATA = Path(os.environ.get("CXR_SAMPLE_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def sample(name: str) -> Path:
-    root = SAMPLE_DATA / name
-    if not root.is_dir():
-        pytest.skip(f"real sample {root} absent (set CXR_SAMPLE_DATA to the samples' folder)")
-    return root
 
 
 def write_jpeg(path: Path, value: int = 90) -> None:

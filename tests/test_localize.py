@@ -2,7 +2,6 @@
 planted attention pattern), Grad-CAM on a hand-built CNN whose classes live in known regions,
 the pointing game and mass inside on hand-made maps, and the NIH boxes scaled from 1024 px."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from samples import SAMPLE_DATA
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -29,8 +29,6 @@ from cxr_lib.localize import (
     score_boxes,
 )
 
-SAMPLE = Path(os.environ.get("CXR_SAMPLE_DATA",
-                             Path(__file__).resolve().parents[2] / "shared" / "data"))
 DIM, PATCH, SIZE = 16, 8, 32  # a 4 x 4 patch grid
 
 
@@ -263,13 +261,13 @@ def test_score_boxes_refuses_unmapped_findings_and_mismatched_maps():
 
 
 def real_box_file() -> Path:
-    sample = SAMPLE / "nih-cxr14-sample" / "BBox_List_2017.csv"
-    if sample.is_file():
-        return sample
+    box_file = SAMPLE_DATA / "nih-cxr14-sample" / "BBox_List_2017.csv"
+    if box_file.is_file():
+        return box_file
     try:
         return shipped_bbox_file()
     except DataError as err:
-        pytest.skip(f"no real box file: {sample} is absent (set CXR_SAMPLE_DATA) and {err}")
+        pytest.skip(f"no real box file: {box_file} is absent (set CXR_SAMPLE_DATA) and {err}")
 
 
 def test_the_real_nih_boxes_map_onto_the_findings_and_the_image():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from samples import sample
 
 from cxr_lib.data.core import FINDINGS, DataError, check_patient_disjoint, read_image
 from cxr_lib.data.nih import (
@@ -25,18 +25,11 @@ from cxr_lib.data.nih import (
 )
 from cxr_lib.data.splits import patient_split
 
-SAMPLE_DATA = Path(os.environ.get("CXR_SAMPLE_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
           "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n")
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
 
 
-def sample(name: str) -> Path:
-    root = SAMPLE_DATA / name
-    if not root.is_dir():
-        pytest.skip(f"real sample {root} absent (set CXR_SAMPLE_DATA to the samples' folder)")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,10 @@
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from fastai.torch_core import default_device, defaults
+from samples import sample
 
 from cxr_lib.study import chapter_cache, chapter_dataset, resolve_device
-
-SAMPLE = Path(os.environ.get("CXR_SAMPLE_DATA", Path(__file__).resolve().parents[2] / "shared"
-                             / "data"))
 
 
 def test_resolve_device_names_the_device_and_refuses_a_missing_gpu():
@@ -46,8 +42,6 @@ def test_chapters_draw_phantoms_without_a_data_root_and_share_one_cache(tmp_path
 
 
 def test_chapters_read_the_real_sample_when_a_data_root_is_given():
-    root = SAMPLE / "nih-cxr14-sample"
-    if not root.is_dir():
-        pytest.skip(f"the NIH sample is not at {root} (set CXR_SAMPLE_DATA)")
+    root = sample("nih-cxr14-sample")
     dataset = chapter_dataset(root, n_phantoms=10, phantom_size=32)
     assert dataset.name == "chestxray14" and len(dataset) == 621
