@@ -7,15 +7,14 @@ torchrun, this file is the training process (`__main__` below).
 
 import copy
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from test_train import _data, _model, _to_float
+from torchrun import run_ranks
 
 from cxr_lib import runs
 from cxr_lib.train import TrainConfig, ValidAUC, fit, masked_bce_loss, mean_auc
@@ -56,29 +55,17 @@ class ShardedBatches:
             yield self.x[idx], self.y[idx]  # [b, 1, 6, 6] uint8, [b, 3]
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (48, 1, 6, 6), generator=g, dtype=torch.uint8)
-    y = (x.float().mean((1, 2, 3))[:, None] > torch.tensor([120.0, 128.0, 136.0])).float()
+def _splits():
+    x, y = _data(48)
     return (x[:32], y[:32]), (x[32:], y[32:])
-
-
-def _model() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Dropout(0.2),
-                         nn.Linear(16, 3))
-
-
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255
 
 
 def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    torch.manual_seed(rank)  # different weights on each rank: DDP must make them rank 0's
-    model = _model()
+    model = _model(seed=rank)  # different weights on each rank: DDP must make them rank 0's
     init = copy.deepcopy(model.state_dict())
-    (xt, yt), (xv, yv) = _data()
+    (xt, yt), (xv, yv) = _splits()
     train, valid = ShardedBatches(xt, yt, PER_RANK, True), ShardedBatches(xv, yv, PER_RANK, False)
     res = fit(model, train, valid, CONFIG, out / "runs", "ddp", loss_func=masked_bce_loss,
               batch_tfm=_to_float, valid_tfm=_to_float, cbs=[ValidAUC()], progress=False)
@@ -87,19 +74,8 @@ def _worker(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_end_with_identical_weights(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ranks(__file__, WORLD, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
 
     assert not all(torch.equal(r0["init"][k], r1["init"][k]) for k in r0["init"])
@@ -122,7 +98,7 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
     model = _model()
     model.load_state_dict(r0["final"])
     model.eval()
-    _, (xv, yv) = _data()
+    _, (xv, yv) = _splits()
     with torch.no_grad():
         scores = model(_to_float(xv)).numpy()
     auc, _ = mean_auc(scores, yv.numpy())

@@ -6,14 +6,13 @@ rank. Run by torchrun, this file is the training process (`__main__` below).
 """
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
 from torch import nn
+from torchrun import run_ranks
 
 from cxr_lib.augment_views import MocoAugment
 from cxr_lib.contrastive import MomentumQueue, moco_config
@@ -63,20 +62,9 @@ def _worker(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_queue_gathers_the_keys_of_every_rank(tmp_path):
     chapter_cache(tmp_path, phantom_dataset(40, size=32, seed=1), 32)  # cache/phantom-32
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ranks(__file__, WORLD, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
 
     for name, value in r0["state"].items():  # key encoder, queue and pointer included
