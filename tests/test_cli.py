@@ -44,7 +44,10 @@ def test_full_resolution_images_take_the_same_path(tmp_path):
 def test_phantoms_need_no_root(tmp_path, capsys):
     main(["data", "prepare", "--source", "phantom", "--count", "12", "--size", "32", "--out",
           str(tmp_path / "ph"), "--workers", "1"])
-    assert len(open_cache(tmp_path / "ph")) == 12
+    assert "12 images of 32x32 uint8" in capsys.readouterr().out
+    cache = open_cache(tmp_path / "ph")
+    assert len(cache) == 12 and cache.images.shape == (12, 32, 32)
+    assert len({bytes(image) for image in cache.images}) == 12  # twelve different phantoms
 
 
 def test_bad_input_ends_with_a_one_line_error(tmp_path):

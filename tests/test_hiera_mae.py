@@ -213,7 +213,7 @@ def test_probe_features_are_the_average_of_the_last_stage(mae):
     assert torch.allclose(pooled, last.mean(dim=(2, 3)), atol=1e-5)
 
 
-def test_layer_decay_groups_every_hiera_block(mae):
+def test_layer_decay_groups_every_hiera_block():
     net, _ = build_classifier("hiera_tiny", img_size=64, drop_path=0.1)
     assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     groups = param_groups_layer_decay(net, weight_decay=0.05, layer_decay=0.5)
