@@ -16,6 +16,7 @@ only); targets are 1, 0 or NaN (finding not stated), as in `cxr_lib.data.core`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,21 @@ def _check_inputs(scores: np.ndarray, targets: np.ndarray, findings: Sequence[st
 
 # ----------------------------------------------------------------------------- AUC
 
+def mean_auc(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean ROC AUC over findings, and per finding (NaN where a finding has one class only).
+
+    scores, targets: [N, F]; NaN targets (finding not stated) are left out of that finding.
+    """
+    per_class = np.full(scores.shape[1], np.nan)
+    for j in range(scores.shape[1]):
+        known = ~np.isnan(targets[:, j])
+        y = targets[known, j]
+        if len(np.unique(y)) == 2:
+            per_class[j] = roc_auc_score(y, scores[known, j])
+    mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan
+    return mean, per_class
+
+
 def per_finding_auc(scores: np.ndarray, targets: np.ndarray,
                     findings: Sequence[str]) -> pd.DataFrame:
     """ROC AUC of every finding (scikit-learn) and their mean, as a table.
@@ -71,13 +87,12 @@ def per_finding_auc(scores: np.ndarray, targets: np.ndarray,
     the last row, finding == "mean", is the mean over the findings that have an AUC.
     """
     scores, targets = _check_inputs(scores, targets, findings)
+    _, per_class = mean_auc(scores, targets)
     rows = []
     for j, name in enumerate(findings):
-        known = ~np.isnan(targets[:, j])
-        y = targets[known, j]
-        pos, neg = int(y.sum()), int(len(y) - y.sum())
-        auc = roc_auc_score(y, scores[known, j]) if pos and neg else np.nan
-        rows.append({"finding": name, "auc": float(auc), "positives": pos, "negatives": neg})
+        y = targets[~np.isnan(targets[:, j]), j]
+        rows.append({"finding": name, "auc": float(per_class[j]), "positives": int(y.sum()),
+                     "negatives": int(len(y) - y.sum())})
     table = pd.DataFrame(rows)
     mean = table["auc"].mean() if table["auc"].notna().any() else np.nan  # skips NaN
     return _with_mean_row(table, {"auc": mean})

@@ -93,12 +93,12 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import default_device, find_bs, num_distrib, set_seed
 from fastcore.basics import GetAttr
 from fastprogress.fastprogress import master_bar, progress_bar
-from sklearn.metrics import roc_auc_score
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cxr_lib import runs
+from cxr_lib.evaluate import mean_auc
 
 SCHEDULES = ("cosine", "one_cycle")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -209,21 +209,6 @@ def masked_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     per_entry = F.binary_cross_entropy_with_logits(
         logits.float(), torch.nan_to_num(targets), reduction="none")  # [B, F]
     return (per_entry * known).sum() / known.sum().clamp(min=1)
-
-
-def mean_auc(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean ROC AUC over findings, and per finding (NaN where a finding has one class only).
-
-    scores, targets: [N, F]; NaN targets (finding not stated) are left out of that finding.
-    """
-    per_class = np.full(scores.shape[1], np.nan)
-    for j in range(scores.shape[1]):
-        known = ~np.isnan(targets[:, j])
-        y = targets[known, j]
-        if len(np.unique(y)) == 2:
-            per_class[j] = roc_auc_score(y, scores[known, j])
-    mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan
-    return mean, per_class
 
 
 class EpochMetric(Callback):
