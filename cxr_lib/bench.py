@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import hashlib
 import json
-import os
 import random
 import tempfile
 import time
@@ -70,7 +69,7 @@ from cxr_lib.models.classifier import build_classifier, is_vit
 from cxr_lib.models.mae import build_mae
 from cxr_lib.models.moco import MoCo
 from cxr_lib.randaugment import RandAugment, fill_level
-from cxr_lib.runs import atomic_write_text
+from cxr_lib.runs import atomic_write_text, replacing
 from cxr_lib.study import resolve_device
 from cxr_lib.train import (
     TrainConfig,
@@ -152,9 +151,8 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def _write_png(path: Path, seed: int, size: int) -> None:
     findings = () if seed % 2 else (DRAWN[seed // 2 % len(DRAWN)],)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(render_phantom(seed, size, findings)).save(tmp, format="PNG")
-    os.replace(tmp, path)  # a killed run leaves no half-written PNG
+    with replacing(path, "wb") as f:  # a killed run leaves no half-written PNG
+        Image.fromarray(render_phantom(seed, size, findings)).save(f, format="PNG")
 
 
 def write_phantom_pngs(folder: str | Path, count: int, size: int = 1024,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,7 +305,7 @@ def _score_test(model: nn.Module, cache: Cache, split: str, augment: FinetuneAug
         table = pd.DataFrame(scores, columns=cache.findings)  # [N, F] logits
         table.insert(0, "patient", cache.index["patient"].to_numpy()[rows])
         table.insert(0, "id", cache.index["id"].to_numpy()[rows])
-        write_table(table, run.path / TEST_SCORES)
+        runs.atomic_write_parquet(table, run.path / TEST_SCORES)
         runs.write_metrics(metrics, run.path)
     return dataclasses.replace(run, metrics=metrics)
 
@@ -328,19 +327,6 @@ def evaluate_split(model: nn.Module, cache: Cache, split: str, augment: Finetune
         for x, _ in batches:
             scores.append(model(augment.plain(x)).float().cpu())  # [b, F] logits
     return torch.cat(scores).numpy(), batches.indices
-
-
-def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Write a table as parquet beside a temp name, then move it into place (never half
-    written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def encoder_file(work_dir: str | Path, method: str, model: str) -> Path:

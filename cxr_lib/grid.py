@@ -18,7 +18,7 @@ import pandas as pd
 
 from cxr_lib import runs
 from cxr_lib.data.cache import Cache
-from cxr_lib.finetune import FinetuneRecipe, FinetuneResult, finetune, write_table
+from cxr_lib.finetune import FinetuneRecipe, FinetuneResult, finetune
 from cxr_lib.train import TrainConfig
 
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneRecipe))
@@ -73,7 +73,7 @@ def run_points(points: Sequence[tuple[FinetuneRecipe, TrainConfig]], cache: Cach
     rows = [result_row(finetune(cache, recipe, cfg, run_root, **finetune_kwargs))
             for recipe, cfg in points]
     table = pd.DataFrame(rows)
-    write_table(table, Path(run_root) / f"{name}.parquet")
+    runs.atomic_write_parquet(table, Path(run_root) / f"{name}.parquet")
     return table
 
 

@@ -103,8 +103,9 @@ def run_dir(root: str | Path, kind: str, config: Any, *, create: bool = True) ->
 
 
 @contextmanager
-def _replacing(path: Path, mode: str) -> Iterator[IO]:
-    """Open a temp file beside `path`; on success fsync it and move it over `path`."""
+def replacing(path: str | Path, mode: str) -> Iterator[IO]:
+    """Open a temp file beside `path`; on success fsync it and move it over `path`. On an
+    error the temp file is removed and `path` keeps what it held."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -121,14 +122,21 @@ def _replacing(path: Path, mode: str) -> Iterator[IO]:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)` that never leaves a half-written file at `path`."""
-    with _replacing(Path(path), "wb") as f:
+    with replacing(path, "wb") as f:
         torch.save(obj, f)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write `text` to `path` atomically."""
-    with _replacing(Path(path), "w") as f:
+    with replacing(path, "w") as f:
         f.write(text)
+
+
+def atomic_write_parquet(table: pd.DataFrame, path: str | Path) -> None:
+    """Write `table` (without its index) as parquet to `path` atomically, making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path, "wb") as f:
+        table.to_parquet(f, index=False)
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -87,6 +88,24 @@ def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["v"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_parquet_table_is_written_whole_into_a_new_folder(tmp_path, monkeypatch):
+    table = pd.DataFrame({"run": ["a", "b"], "auc": [0.61, 0.7]}, index=[5, 9])
+    path = tmp_path / "new" / "t.parquet"
+    runs.atomic_write_parquet(table, path)
+    assert pd.read_parquet(path).equals(table.reset_index(drop=True))  # the index is not kept
+
+    def broken(self, f, **kwargs):
+        f.write(b"PAR1 half a table")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        runs.atomic_write_parquet(table.head(1), path)
+    monkeypatch.undo()
+    assert len(pd.read_parquet(path)) == 2 and [p.name for p in path.parent.iterdir()] == [
+        "t.parquet"]
 
 
 def test_metrics_history_and_finished(tmp_path):
