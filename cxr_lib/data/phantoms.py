@@ -195,9 +195,6 @@ class _Canvas:
     def lung(self, side: int) -> np.ndarray:
         return self.masks[side > 0]
 
-    def lungs(self) -> np.ndarray:
-        return self.masks[0] + self.masks[1]
-
     def edge(self) -> float:
         return 1.5 * self.px
 
