@@ -58,7 +58,7 @@ from torchvision.transforms import v2
 from cxr_lib.augment import MaeAugment
 from cxr_lib.augment_views import MocoAugment
 from cxr_lib.bench_options import TASK_NAMES, BenchSettings, settings_from_args
-from cxr_lib.bench_tables import PIPELINES, format_markdown, format_table
+from cxr_lib.bench_tables import PIPELINES, format_report
 from cxr_lib.contrastive import MocoRecipe, MomentumQueue, moco_config
 from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.core import FINDINGS, DataError, XrayDataset, read_image_row
@@ -729,6 +729,6 @@ def main_bench(args: argparse.Namespace) -> list[BenchResult]:
     settings = settings_from_args(args)
     results = run_bench(args.tasks, settings, json_out=args.json)
     report = bench_report(results, settings)
-    print(format_markdown(report) if args.markdown else format_table(report))
+    print(format_report(report, args.markdown))
     print(json.dumps(report, indent=1))
     return results

@@ -153,6 +153,11 @@ def format_markdown(report: dict) -> str:
                       "", *(f"- {note}" for note in _notes(report))]).rstrip()
 
 
+def format_report(report: dict, markdown: bool = False) -> str:
+    """`format_markdown` or `format_table` of the report: what `cxr bench` prints."""
+    return format_markdown(report) if markdown else format_table(report)
+
+
 def _sentence(line: str) -> str:
     return line[0].upper() + line[1:] + "."
 

@@ -250,10 +250,9 @@ def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.report is not None:  # a saved report: its tables, without importing torch
-        from cxr_lib.bench_tables import format_markdown, format_table, read_report
+        from cxr_lib.bench_tables import format_report, read_report
 
-        report = read_report(args.report)
-        print(format_markdown(report) if args.markdown else format_table(report))
+        print(format_report(read_report(args.report), args.markdown))
         return
     from cxr_lib.bench import main_bench
 

@@ -87,15 +87,13 @@ def per_finding_auc(scores: np.ndarray, targets: np.ndarray,
     the last row, finding == "mean", is the mean over the findings that have an AUC.
     """
     scores, targets = _check_inputs(scores, targets, findings)
-    _, per_class = mean_auc(scores, targets)
+    mean, per_class = mean_auc(scores, targets)
     rows = []
     for j, name in enumerate(findings):
         y = targets[~np.isnan(targets[:, j]), j]
         rows.append({"finding": name, "auc": float(per_class[j]), "positives": int(y.sum()),
                      "negatives": int(len(y) - y.sum())})
-    table = pd.DataFrame(rows)
-    mean = table["auc"].mean() if table["auc"].notna().any() else np.nan  # skips NaN
-    return _with_mean_row(table, {"auc": mean})
+    return _with_mean_row(pd.DataFrame(rows), {"auc": mean})
 
 
 def _with_mean_row(table: pd.DataFrame, values: dict) -> pd.DataFrame:

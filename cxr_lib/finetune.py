@@ -45,6 +45,7 @@ from cxr_lib.augment import (
 )
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.inference import eval_mode
 from cxr_lib.models.classifier import (
     build_classifier,
     imagenet_weights,
@@ -58,7 +59,6 @@ from cxr_lib.train import (
     RunResult,
     TrainConfig,
     ValidAUC,
-    eval_mode,
     fit,
     masked_bce_loss,
     mean_auc,

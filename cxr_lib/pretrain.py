@@ -19,6 +19,7 @@ from cxr_lib import runs
 from cxr_lib.augment import MaeAugment, split_stats
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.inference import eval_mode
 from cxr_lib.models.classifier import load_start, read_state_dict
 from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
 from cxr_lib.models.mae import (
@@ -28,7 +29,7 @@ from cxr_lib.models.mae import (
     load_mae_checkpoint,
 )
 from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
-from cxr_lib.train import RunResult, TrainConfig, eval_mode, fit, model_loss
+from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,10 @@ def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",
                 normalise: tuple[float, float] | None = None) -> MaeAugment:
     """Crop/flip of the recipe, normalised with `normalise` (mean, std in 0..1) or else the
     pixel statistics of the training images."""
-    mean, std = (round(v, 4) for v in normalise) if normalise else split_stats(cache, split)
+    if normalise is None:
+        mean, std = split_stats(cache, split)
+    else:
+        mean, std = (round(v, 4) for v in normalise)
     return MaeAugment(recipe.img_size, scale=recipe.crop_scale, mean=mean, std=std)
 
 

@@ -16,8 +16,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from cxr_lib.inference import eval_mode
 from cxr_lib.models.mae import MaskedAutoencoder
-from cxr_lib.train import eval_mode
 
 
 class MaePooledFeatures(nn.Module):

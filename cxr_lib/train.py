@@ -68,7 +68,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -365,18 +365,6 @@ class _DDP(Callback):
 
     def after_fit(self) -> None:
         self.learn.model = unwrap_model(self.learn.model)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Dropout off and batch norm on running statistics, as at test time; the model's mode
-    (training or not) is given back afterwards, also after an error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -26,7 +26,6 @@ from cxr_lib.train import (
     TrainConfig,
     TrainingDiverged,
     ValidAUC,
-    eval_mode,
     fit,
     masked_bce_loss,
     mean_auc,
@@ -390,20 +389,3 @@ if __name__ == "__main__":  # the process that the resume test kills
     torch.set_num_threads(1)
     _resume_fit(Path(sys.argv[1]), [_KillAt(int(sys.argv[2]))])
     sys.exit("the kill callback should have ended this process")
-
-
-def test_eval_mode_switches_dropout_off_and_gives_the_mode_back_even_after_an_error():
-    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
-    x = torch.ones(8, 4)
-    with eval_mode(net) as same:
-        assert same is net and not net.training
-        assert torch.equal(net(x), net(x))  # no dropout: deterministic
-    assert net.training
-    net.eval()
-    with pytest.raises(RuntimeError, match="boom"), eval_mode(net):
-        raise RuntimeError("boom")
-    assert not net.training  # the mode it had, not training
-    net.train()
-    with pytest.raises(RuntimeError, match="boom"), eval_mode(net):
-        raise RuntimeError("boom")
-    assert net.training

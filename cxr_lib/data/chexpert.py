@@ -183,7 +183,7 @@ def _read_rows(path: Path) -> pd.DataFrame:
                     if len(fields) <= 1 and not "".join(fields).strip():
                         continue  # a blank line
                     fail_at_line(path, reader.line_num,
-                          f"{len(fields)} fields where the header has {len(header)}")
+                                 f"{len(fields)} fields where the header has {len(header)}")
                 rows.append(fields)
                 lines.append(reader.line_num)
     except (csv.Error, UnicodeDecodeError, OSError) as err:
@@ -234,8 +234,8 @@ def _check_csvs_disjoint(train: pd.DataFrame, valid: pd.DataFrame, train_csv: Pa
     if shared.any():
         patient = valid["patient"][shared].iloc[0]
         fail_at_line(valid_csv, valid["line"][shared].iloc[0],
-              f"patient {patient!r} is also in {train_csv} (line {first_line[patient]}); the "
-              "official validation patients must not be in train.csv")
+                     f"patient {patient!r} is also in {train_csv} (line {first_line[patient]}); "
+                     "the official validation patients must not be in train.csv")
 
 
 def locate_images(release: pd.Series, rest: pd.Series, root: Path) -> np.ndarray:

@@ -403,7 +403,8 @@ def read_bboxes(path: str | Path) -> pd.DataFrame:
     unknown = ~finding.isin(FINDINGS)
     if unknown.any():
         fail_at_line(path, raw["line"][unknown].iloc[0],
-              f"unknown box finding {finding[unknown].iloc[0]!r}; expected one of {list(FINDINGS)}")
+                     f"unknown box finding {finding[unknown].iloc[0]!r}; expected one of "
+                     f"{list(FINDINGS)}")
     boxes = pd.DataFrame({"id": _text(raw["id"]), "finding": finding})
     for col in ("x", "y", "w", "h"):
         boxes[col] = _floats(raw, col, path)
