@@ -28,7 +28,9 @@ ratio... go in `extra`), or two different experiments would share a run folder.
 Batches are `(inputs, targets)` tuples from any iterable with `len()`; if it has
 `set_epoch(epoch)` it is called before every pass (a deterministic order per epoch makes exact
 resume cheap), and under `torchrun` it must have `shard(rank, world_size)` returning this rank's
-share, the same number of batches on every rank (`batch_size` in the config is the global batch).
+share (`batch_size` in the config is the global batch): the same number of training batches on
+every rank (checked), while validation batches may end one short on some ranks (a short last
+batch need not reach every rank; the metrics are gathered from all of them).
 
 Several GPUs: launch the same script with `torchrun --nproc_per_node N`; `fit` joins the
 process group, wraps the model in DistributedDataParallel (gradients are averaged, so every rank
@@ -236,13 +238,16 @@ class ValidAUC(EpochMetric):
         self.targets.append(self.learn.yb[0].detach().float())  # [B, F]
 
     def after_validate(self) -> None:
-        if not self.scores:
+        local = None  # a rank the validation batches did not reach still joins the gather
+        if self.scores:
+            local = (torch.cat(self.scores).cpu().numpy(), torch.cat(self.targets).cpu().numpy())
+        parts = [part for part in _gather(local) if part is not None]
+        self.scores, self.targets = [], []
+        if not parts:
             self.value, self.per_class = math.nan, np.array([])
             return
-        scores = _gather_rows(torch.cat(self.scores).cpu().numpy())
-        targets = _gather_rows(torch.cat(self.targets).cpu().numpy())
-        self.value, self.per_class = mean_auc(scores, targets)
-        self.scores, self.targets = [], []
+        scores, targets = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        self.value, self.per_class = mean_auc(scores, targets)  # [N, F] each
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -337,10 +342,6 @@ def _gather(obj: Any) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _gather_rows(a: np.ndarray) -> np.ndarray:
-    return np.concatenate(_gather(a)) if _ddp() else a
 
 
 def _sum_ranks(*values: float) -> list[float]:
@@ -541,6 +542,16 @@ def _shard(dl: Any, rank: int, world: int, name: str) -> Any:
         raise TypeError(f"{name} ({type(dl).__name__}) has no shard(rank, world_size): under "
                         "torchrun each rank must read its own share of the batches")
     return dl.shard(rank, world)
+
+
+def _check_even(dl: Any, name: str) -> None:
+    """Every rank must train on as many batches as the others: DDP's gradient all-reduce
+    waits for all of them, so a rank with one more batch would hang the job."""
+    counts = _gather(len(dl))
+    if len(set(counts)) > 1:
+        raise ValueError(f"{name} gives the ranks different numbers of batches ({counts}): "
+                         "under DDP every rank must train on as many as the others (use "
+                         "drop_last=True, or a size that divides into whole global batches)")
 
 
 class _Inputs(Callback):
@@ -957,7 +968,9 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
     channels_last = cnn_fast_path(config.channels_last, model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    batches = _EpochBatches(_shard(train_dl, rank, world, "train_dl"), _replay(ckpt, rank, world))
+    train_shard = _shard(train_dl, rank, world, "train_dl")
+    _check_even(train_shard, "train_dl")
+    batches = _EpochBatches(train_shard, _replay(ckpt, rank, world))
     valid = _shard(valid_dl, rank, world, "valid_dl") if valid_dl is not None else []
     guard = _NanGuard(config.nan_check_every)
     engine = [TrainEvalCallback(), _Resume(s, batches), _Schedule(config),

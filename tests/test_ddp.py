@@ -27,11 +27,14 @@ CONFIG = TrainConfig(epochs=2, batch_size=WORLD * PER_RANK, base_lr=2.0, warmup_
 class ShardedBatches:
     """The loader interface `fit` expects under DDP: len, set_epoch, shard(rank, world_size).
 
-    The order depends only on (seed, epoch); rank r of w takes every w-th batch of it.
+    The order depends only on (seed, epoch); rank r of w takes every w-th batch of it. Without
+    drop_last the short last batch is kept, so the ranks may get different numbers of batches.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+                 drop_last: bool = True) -> None:
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.drop_last = drop_last
         self.epoch, self.rank, self.world = 0, 0, 1
 
     def shard(self, rank: int, world_size: int) -> "ShardedBatches":
@@ -43,7 +46,9 @@ class ShardedBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.x) // (self.batch_size * self.world)
+        n, b = len(self.x), self.batch_size
+        batches = n // b if self.drop_last else -(-n // b)
+        return len(range(self.rank, batches, self.world))  # batches i * world + rank
 
     def __iter__(self):
         g = torch.Generator().manual_seed(1000 + self.epoch)
@@ -55,8 +60,10 @@ class ShardedBatches:
             yield self.x[idx], self.y[idx]  # [b, 1, 6, 6] uint8, [b, 3]
 
 
-def _splits():
-    x, y = _data(48)
+def _splits(n_valid: int = 18):
+    """32 training images; the validation batches of 4 reach rank 0 three times and rank 1
+    twice (4, 4, 2 rows and 4, 4) with the default 18."""
+    x, y = _data(32 + n_valid)
     return (x[:32], y[:32]), (x[32:], y[32:])
 
 
@@ -66,7 +73,8 @@ def _worker(out: Path) -> None:
     model = _model(seed=rank)  # different weights on each rank: DDP must make them rank 0's
     init = copy.deepcopy(model.state_dict())
     (xt, yt), (xv, yv) = _splits()
-    train, valid = ShardedBatches(xt, yt, PER_RANK, True), ShardedBatches(xv, yv, PER_RANK, False)
+    train = ShardedBatches(xt, yt, PER_RANK, True)
+    valid = ShardedBatches(xv, yv, PER_RANK, False, drop_last=False)
     res = fit(model, train, valid, CONFIG, out / "runs", "ddp", loss_func=masked_bce_loss,
               batch_tfm=_to_float, valid_tfm=_to_float, cbs=[ValidAUC()], progress=False)
     torch.save({"init": init, "final": model.state_dict(), "history": res.history.to_dict("list"),
@@ -94,7 +102,8 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
     assert len(ckpt["rng"]) == WORLD  # each rank's RNG, for an exact resume
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
-    # The AUC in the history covers both validation shards: recompute it on the whole set.
+    # The AUC in the history covers both validation shards (3 batches and 2): recompute it on
+    # the whole set.
     model = _model()
     model.load_state_dict(r0["final"])
     model.eval()
@@ -108,5 +117,52 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
     assert np.isfinite(r0["history"]["train_loss"]).all()
 
 
+def _edge_worker(out: Path) -> None:
+    """A validation set that leaves rank 1 no batch, then training batches that differ in
+    number by rank (which would hang DDP's all-reduce): each rank saves what it saw."""
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    (xt, yt), (xv, yv) = _splits(n_valid=3)  # one batch of 3, on rank 0 alone
+    config = TrainConfig(epochs=1, batch_size=WORLD * PER_RANK, base_lr=2.0, warmup_epochs=0)
+    model = _model()
+    res = fit(model, ShardedBatches(xt, yt, PER_RANK, True),
+              ShardedBatches(xv, yv, PER_RANK, False, drop_last=False), config, out / "runs",
+              "edge", loss_func=masked_bce_loss, batch_tfm=_to_float, valid_tfm=_to_float,
+              cbs=[ValidAUC()], progress=False)
+    uneven = ShardedBatches(xt[:20], yt[:20], PER_RANK, True, drop_last=False)  # 3 and 2
+    try:
+        fit(_model(), uneven, None, config, out / "runs", "uneven", loss_func=masked_bce_loss,
+            batch_tfm=_to_float, progress=False)
+        refusal = None
+    except ValueError as err:
+        refusal = str(err)
+    torch.save({"history": res.history.to_dict("list"), "final": model.state_dict(),
+                "refusal": refusal}, out / f"edge{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_rank_without_validation_batches_and_uneven_training_batches(tmp_path):
+    run_ranks(__file__, WORLD, str(tmp_path), "edge")
+    r0, r1 = (torch.load(tmp_path / f"edge{r}.pt", weights_only=False) for r in range(WORLD))
+
+    assert r0["history"]["valid_auc"] == r1["history"]["valid_auc"]
+    model = _model()
+    model.load_state_dict(r0["final"])
+    model.eval()
+    _, (xv, yv) = _splits(n_valid=3)
+    with torch.no_grad():
+        scores = model(_to_float(xv)).numpy()
+    auc, _ = mean_auc(scores, yv.numpy())  # rank 0's three images alone
+    assert np.isfinite(auc) and auc == pytest.approx(r0["history"]["valid_auc"][0], abs=1e-6)
+    assert r0["history"]["valid_loss"][0] == pytest.approx(
+        masked_bce_loss(torch.from_numpy(scores), yv).item(), rel=1e-5)
+
+    for r in (r0, r1):  # refused on every rank before the first step, not hung
+        assert r["refusal"] is not None and "[3, 2]" in r["refusal"], r["refusal"]
+
+
 if __name__ == "__main__":  # one rank, started by torchrun
-    _worker(Path(sys.argv[1]))
+    if sys.argv[2:] == ["edge"]:
+        _edge_worker(Path(sys.argv[1]))
+    else:
+        _worker(Path(sys.argv[1]))

@@ -163,5 +163,15 @@ def test_shards_split_every_batch_between_the_ranks(cache):
             assert sorted([*first, *second]) == sorted(full)
     with pytest.raises(ValueError, match="divide evenly"):
         whole.shard(0, 3)
-    with pytest.raises(ValueError, match="fewer than the 2 ranks"):
-        CacheBatches(cache, np.arange(9), 4).shard(1, 2)  # last batch: 1 row for 2 ranks
+
+
+def test_a_short_last_batch_reaches_only_the_ranks_it_has_rows_for(cache):
+    whole = CacheBatches(cache, np.arange(9), 4)  # batches of 4, 4 and 1 rows
+    shards = [whole.shard(rank, 2) for rank in range(2)]
+    assert [len(s) for s in shards] == [3, 2]
+    parts = [s.batch_indices() for s in shards]
+    assert [len(b) for b in parts[0]] == [2, 2, 1] and [len(b) for b in parts[1]] == [2, 2]
+    assert sorted(np.concatenate(parts[0] + parts[1])) == list(range(9))  # each row once
+    assert [len(list(s)) for s in shards] == [3, 2]  # iteration yields what len() says
+    dropped = whole.new(drop_last=True)
+    assert [len(dropped.shard(rank, 2)) for rank in range(2)] == [2, 2]

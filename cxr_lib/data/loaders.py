@@ -95,8 +95,9 @@ class CacheBatches:
         self._resident = _upload(cache, self.indices, self.device) if resident else None
 
     def __len__(self) -> int:
-        n, b = self.draws, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        full, last = divmod(self.draws, self.batch_size)
+        # a short last batch counts on the ranks that get rows of it (all of it without shard)
+        return full + (not self.drop_last and self.rank < last)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass use the order of `epoch`."""
@@ -148,17 +149,14 @@ class CacheBatches:
         """This rank's share of every batch under DistributedDataParallel.
 
         `batch_size` stays the global batch: each rank draws the same permutation and takes
-        every `world`-th row of each global batch, so all ranks yield the same number of
-        batches of batch_size / world rows (a short last batch may split unevenly), and
-        together exactly the unsharded batches.
+        every `world`-th row of each global batch, so together the ranks yield exactly the
+        unsharded batches. Full batches give every rank batch_size / world rows; a short last
+        batch of fewer rows than ranks leaves the ranks it does not reach one batch fewer
+        (fine for evaluation; `fit` refuses training batches that differ in number by rank).
         """
         if not 0 <= rank < world or self.batch_size % world:
             raise ValueError(f"cannot shard a batch of {self.batch_size} as rank {rank} of "
                              f"{world}: the batch must divide evenly over the ranks")
-        last = 0 if self.drop_last else self.draws % self.batch_size
-        if 0 < last < world:  # a rank would get an empty batch
-            raise ValueError(f"the last batch holds {last} rows, fewer than the {world} ranks: "
-                             "use drop_last=True or another batch size")
         out = copy.copy(self)
         out.rank, out.world = rank, world
         return out
