@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import traceback
 from pathlib import Path
@@ -69,14 +70,6 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
         print(f"encoder saved to {save_encoder(pretrained, args.save)}")
 
 
-# The 03_moco_baselines values `cxr pretrain moco` needs, with MoCo v2's defaults where it has
-# one (None: the profile or the command line must give it).
-MOCO_SETTINGS = {"image_size": None, "epochs": None, "batch_size": None, "warmup_epochs": 0.0,
-                 "base_lr": 0.03, "queue_size": 65536, "momentum": 0.999, "temperature": 0.2,
-                 "hidden_dim": 2048, "bn_splits": 8, "knn_k": 20, "knn_every": 1,
-                 "knn_images": 20000}
-
-
 def _pretrain_moco(args: argparse.Namespace) -> None:
     from cxr_lib.contrastive import (
         KnnSettings,
@@ -92,8 +85,18 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
     section = profile.chapters.get("03_moco_baselines", {})
-    values = {name: section.get(name, default) for name, default in MOCO_SETTINGS.items()}
-    values.update({name: getattr(args, name) for name in MOCO_SETTINGS
+    # The 03_moco_baselines values this command reads, defaulting to MoCo v2's as the recipe,
+    # the optimiser and the kNN monitor define them (None: the profile or the options must).
+    base, monitor = MocoRecipe(), KnnSettings()
+    optimiser = inspect.signature(moco_config).parameters
+    defaults = {"image_size": None, "epochs": None, "batch_size": None,
+                "warmup_epochs": optimiser["warmup_epochs"].default,
+                "base_lr": optimiser["base_lr"].default, "queue_size": base.queue_size,
+                "momentum": base.momentum, "temperature": base.temperature,
+                "hidden_dim": base.hidden_dim, "bn_splits": base.bn_splits,
+                "knn_k": monitor.k, "knn_every": monitor.every, "knn_images": monitor.max_images}
+    values = {name: section.get(name, default) for name, default in defaults.items()}
+    values.update({name: getattr(args, name) for name in defaults
                    if getattr(args, name) is not None})
     values["model"] = args.model or (section.get("models") or [None])[0]
     missing = sorted(name for name, value in values.items() if value is None)

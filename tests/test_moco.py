@@ -3,6 +3,7 @@ two-view augmentation, the kNN monitor, exact resume, the run cache, the saved b
 command line. Tiny encoders and 32-px phantoms keep it fast on a CPU."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ import yaml
 from fastai.callback.core import Callback
 from torch import nn
 
+from cxr_lib import runs
 from cxr_lib.augment import split_stats
 from cxr_lib.augment_views import MocoAugment, brightness_contrast, gaussian_blur
 from cxr_lib.cli import main
@@ -310,6 +312,10 @@ def test_command_line_pretrains_with_profile_defaults_and_saves(cache, tmp_path,
     out = capsys.readouterr().out
     assert "trained" in out and "kNN AUC" in out and (tmp_path / "enc.pt").is_file()
     assert torch.load(tmp_path / "enc.pt", weights_only=True)["recipe"]["momentum"] == 0.99
+    run, = (tmp_path / "runs").iterdir()
+    # knn_every and knn_images are not in the section: the monitor's own defaults fill them
+    config = json.loads((run / runs.CONFIG).read_text())
+    assert config["extra"]["knn"] == dataclasses.asdict(KnnSettings(k=5))
     main(args)
     assert "loaded the finished run" in capsys.readouterr().out
 
