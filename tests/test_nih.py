@@ -219,6 +219,15 @@ def test_label_file_errors_name_file_and_line(tmp_path, bad_row, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("extra, value", [(",7", "7"), (",0,143,0,143", "0")])
+def test_extra_fields_on_the_first_row_are_refused(tmp_path, extra, value):
+    """pandas would cut the first data row to the header's width with a mere warning."""
+    path = labels_file(tmp_path, [TINY[0].replace("\n", extra + "\n"), TINY[1]])
+    with pytest.raises(DataError, match=f"line 2: unexpected extra field '{value}'") as err:
+        read_nih_labels(path)
+    assert str(path) in str(err.value)
+
+
 def test_label_file_with_wrong_columns(tmp_path):
     path = labels_file(tmp_path, ["a,b\n"], header="Image,Labels\n")
     with pytest.raises(DataError, match="not a ChestX-ray14 label file"):

@@ -18,8 +18,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -133,17 +135,30 @@ def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        raw = pd.read_csv(path, keep_default_na=False, skip_blank_lines=False, index_col=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            raw = pd.read_csv(path, keep_default_na=False, skip_blank_lines=False,
+                              index_col=False)
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed CSV ({str(err).strip()})") from err
     except (pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as err:
         raise DataError(f"{path}: cannot read as CSV ({err})") from err
+    if any("Length of header" in str(w.message) for w in caught):
+        _fail_at_long_first_row(path, len(raw.columns))
     raw["line"] = np.arange(len(raw)) + 2  # line 1 is the header
     fields = raw.drop(columns="line")
     blank = _is_empty(fields.iloc[:, 0])
     if blank.any():
         blank[blank] = fields[blank].apply(_is_empty).all(axis=1)
     return raw[~blank].reset_index(drop=True)
+
+
+def _fail_at_long_first_row(path: Path, width: int) -> NoReturn:
+    """With index_col=False, pandas cuts the first data row to the header's width and only
+    warns (a longer row further down is a ParserError): that row is malformed too."""
+    first = pd.read_csv(path, header=None, skiprows=1, nrows=1, dtype=str,
+                        keep_default_na=False).iloc[0]
+    fail_at_line(path, 2, f"unexpected extra field {first.iloc[width]!r}")
 
 
 def _is_empty(values: pd.Series) -> pd.Series:
