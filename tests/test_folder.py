@@ -148,11 +148,23 @@ def test_merge_aligns_pneumonia_and_leaves_other_findings_unknown(tmp_path):
     assert set(both.loaders) == {"chestxray14", "pediatric"}
 
 
-def test_patient_in_official_test_and_train_is_refused(tmp_path):
-    root = make_folders(tmp_path / "leak", ["train/NORMAL/IM-0001-0001.jpeg",
-                                            "test/NORMAL/IM-0001-0002.jpeg"])
-    with pytest.raises(DataError, match="patient 'IM-0001' of 'leak' in"):
-        read_class_folders(root)
+def test_train_images_of_official_test_patients_are_left_out(tmp_path, caplog):
+    """As in the full Kermany release: person1 has training images and test images."""
+    root = make_folders(tmp_path / "leak", [
+        "train/NORMAL/IM-0115-0001.jpeg", "train/PNEUMONIA/person1_bacteria_1.jpeg",
+        "train/PNEUMONIA/person1_bacteria_2.jpeg", "val/PNEUMONIA/person2_virus_3.jpeg",
+        "test/PNEUMONIA/person1_virus_6.jpeg", "test/NORMAL/IM-0001-0001.jpeg"])
+    with caplog.at_level("WARNING", logger="cxr_lib.data.folder"):
+        ds = read_class_folders(root, val_fraction=0.5)
+    names = ds.meta["path"].map(lambda p: Path(p).name)
+    assert sorted(names) == ["IM-0001-0001.jpeg", "IM-0115-0001.jpeg", "person1_virus_6.jpeg",
+                             "person2_virus_3.jpeg"]
+    assert sorted(names[ds.meta["split"] == "test"]) == ["IM-0001-0001.jpeg",
+                                                         "person1_virus_6.jpeg"]
+    assert ds.labels[:, 0].tolist() == (ds.meta["class_name"] == "PNEUMONIA").tolist()
+    ds.check_patient_disjoint()
+    assert ds.meta.attrs["leak"] == {"left_out_images": 2, "left_out_patients": 1}
+    assert "leak: 2 train/val image(s) of 1 patient(s)" in caplog.text
 
 
 @pytest.mark.parametrize("files, message", [

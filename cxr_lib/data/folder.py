@@ -8,10 +8,18 @@ names match case-insensitively ("PNEUMONIA" -> "Pneumonia"), so that merging wit
 sources' pneumonia labels in one column; NORMAL images are all zeros. The official test folder
 stays the test split. The train and (tiny, 16-image) val folders are pooled and re-split by
 patient, because the official val folder is not patient-disjoint by construction.
+
+The full Kermany release reuses patient numbers between its folders (`train/PNEUMONIA/
+person1_bacteria_1.jpeg` and `test/PNEUMONIA/person1_virus_6.jpeg`), and its image counters
+run across folders, so the numbers are taken to name the same child. The test folder is kept
+as released, the benchmark others report on; the train and val images of its patients are
+left out, so that no patient is on both sides of the evaluation. How many is logged (WARNING)
+and kept in `meta.attrs[source]`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -35,6 +43,7 @@ SPLIT_FOLDERS = ("train", "val", "test")
 # IM-0115; NORMAL2-IM-1427-0001.jpeg -> NORMAL2-IM-1427 (a separate numbering, prefix kept).
 _PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL\d+-)?IM-\d+)-", re.IGNORECASE)
 _SUBTYPE = re.compile(r"(bacteria|virus)", re.IGNORECASE)
+_LOG = logging.getLogger(__name__)
 
 
 def read_class_folders(root: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
@@ -64,11 +73,28 @@ def read_class_folders(root: str | Path, *, val_fraction: float = 0.1, seed: int
         "subtype": [_subtype(path.stem) for path, _, _ in files],
     })
     labels = _one_hot(meta["class_name"], classes, findings)
+    meta, labels, left_out = _leave_out_test_patients(meta, labels, source)
     pool = (meta["split"] != "test").to_numpy()
     meta.loc[pool, "split"] = patient_split(meta["patient"][pool], val_fraction, seed)
     check_patient_disjoint(meta, source)
     meta = meta[[*META_COLUMNS, "class_name", "subtype"]]
+    meta.attrs[source] = left_out
     return XrayDataset(source, findings, labels, meta, {source: read_image_row})
+
+
+def _leave_out_test_patients(meta: pd.DataFrame, labels: np.ndarray, source: str
+                             ) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """Drop the train/val images of patients the official test folder also holds (see the
+    module's docstring); returns the rest and {"left_out_images", "left_out_patients"}."""
+    test = meta["split"] == "test"
+    leaked = (~test & meta["patient"].isin(meta.loc[test, "patient"])).to_numpy()
+    left_out = {"left_out_images": int(leaked.sum()),
+                "left_out_patients": int(meta.loc[leaked, "patient"].nunique())}
+    if leaked.any():
+        _LOG.warning("%s: %d train/val image(s) of %d patient(s) who are also in the official "
+                     "test folder are left out", source, left_out["left_out_images"],
+                     left_out["left_out_patients"])
+    return meta[~leaked].reset_index(drop=True), labels[~leaked], left_out
 
 
 def _list_images(root: Path) -> list[tuple[Path, str, str]]:
