@@ -1,5 +1,5 @@
-"""Statistics of chapter 5: per-finding AUC, patient-bootstrap intervals, paired comparisons,
-DeLong's test and hyper-parameter importance.
+"""Statistics of chapter 5: per-finding AUC, patient-bootstrap intervals, paired comparisons
+with Holm's correction for several at once, DeLong's test and hyper-parameter importance.
 
 ChestX-ray14 holds many images per patient (25,596 test images from 2,797 patients), and images
 of one patient are far from independent. An image-level bootstrap treats them as independent
@@ -299,6 +299,20 @@ def paired_comparison(scores_a: np.ndarray, scores_b: np.ndarray, targets: np.nd
     return PairedResult(float(mean["auc_a"]), float(mean["auc_b"]), float(mean["diff"]),
                         float(mean["lower"]), float(mean["upper"]), float(mean["p_value"]),
                         used, n_boot - used, per_finding)
+
+
+def holm_adjust(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment (Holm 1979) of p-values tested as one family: the k-th
+    smallest of m is multiplied by m - k + 1, and the results are made monotone. Rejecting
+    where the adjusted p < alpha keeps the chance of any false rejection at most alpha.
+    NaN p-values stay NaN and do not count in m."""
+    p = np.asarray(p_values, dtype=np.float64)  # [m]
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    factors = len(order) - np.arange(len(order))  # m, m - 1, ..., 1
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * factors))
+    return adjusted
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from cxr_lib.evaluate import (
     _weighted_auc,
     bootstrap_auc,
     delong_test,
+    holm_adjust,
     hyperparameter_importance,
     paired_comparison,
     per_finding_auc,
@@ -148,6 +149,16 @@ def test_bad_input_is_refused_with_the_row(change, message):
 
 
 # ----------------------------------------------------------------------------- paired
+
+def test_holm_adjustment_on_a_hand_case():
+    # sorted 0.01, 0.02, 0.04, 0.30 times 4, 3, 2, 1: 0.04, 0.06, 0.08, 0.30 (already monotone)
+    adjusted = holm_adjust([0.04, 0.30, 0.01, np.nan, 0.02])
+    np.testing.assert_allclose(adjusted, [0.08, 0.30, 0.04, np.nan, 0.06])
+    # monotone: 0.011 x 2 = 0.022 would undercut the smaller p's 0.01 x 3 = 0.03; capped at 1
+    np.testing.assert_allclose(holm_adjust([0.011, 0.01, 0.5]), [0.03, 0.03, 0.5])
+    np.testing.assert_allclose(holm_adjust([0.5, 0.6]), [1.0, 1.0])
+    assert holm_adjust([]).shape == (0,)
+
 
 def test_paired_comparison_finds_a_planted_difference():
     rng = np.random.default_rng(6)
