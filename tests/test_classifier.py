@@ -1,6 +1,7 @@
 """build_classifier from every kind of start, each on a state dict synthesised in its layout."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 import timm
@@ -89,6 +90,11 @@ def test_imagenet_without_local_weights_is_skipped_with_a_reason(monkeypatch, tm
     with pytest.raises(WeightsUnavailable, match="arm is skipped") as err:
         build_classifier("vit_small_patch16", init="imagenet")
     assert "vit_small_patch16_224" in str(err.value) and "downloads nothing" in str(err.value)
+    monkeypatch.setattr(classifier.constants, "HF_HUB_CACHE",
+                        str(Path.home() / ".cache" / "huggingface" / "hub"))
+    with pytest.raises(WeightsUnavailable, match=r"\(~/\.cache/huggingface/hub\)") as err:
+        imagenet_weights("vit_small_patch16")
+    assert str(Path.home()) + "/" not in str(err.value)  # the book shows no local home folder
     cached = tmp_path / "model.safetensors"
     cached.write_bytes(b"")
     monkeypatch.setattr(classifier, "try_to_load_from_cache",

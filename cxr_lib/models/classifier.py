@@ -153,10 +153,18 @@ def imagenet_weights(model: str) -> Path:
             return Path(found)
     raise WeightsUnavailable(
         f"ImageNet weights for {name} ({repo}) are not in the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}) and this study downloads nothing while it runs, so the "
-        f"ImageNet arm is skipped. To include it, fetch them once with "
+        f"({_home_as_tilde(constants.HF_HUB_CACHE)}) and this study downloads nothing while it "
+        "runs, so the ImageNet arm is skipped. To include it, fetch them once with "
         f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` on a "
         "machine with network access, or pass a local file of timm-layout weights.")
+
+
+def _home_as_tilde(path: str | Path) -> str:
+    """`path` with the home folder written `~`: the message reaches the book, where this
+    machine's home has no business."""
+    home = Path.home()
+    path = Path(path)
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
