@@ -16,6 +16,7 @@ from cxr_lib.models import (
     sincos_pos_embed,
     to_timm_vit,
 )
+from cxr_lib.models.mae import visible_count
 
 
 def tiny(img_size: int = 32, patch_size: int = 8, in_chans: int = 1, seed: int = 0, **kwargs):
@@ -50,7 +51,7 @@ def test_random_masking_per_sample(mae):
     ids = torch.arange(n, dtype=torch.float32)
     x = ids.view(1, n, 1).expand(b, n, d).clone()  # each token carries its own index
     x_masked, mask, ids_restore = mae.random_masking(x, 0.75)
-    keep = round(n * 0.25)
+    keep = 16  # a quarter of 64
     assert x_masked.shape == (b, keep, d)
     assert torch.equal(mask.sum(1), torch.full((b,), float(n - keep)))
     assert len({tuple(m.tolist()) for m in mask}) == b  # a different mask per sample
@@ -64,12 +65,18 @@ def test_random_masking_per_sample(mae):
         mae.random_masking(x, 1.0)
 
 
+def test_visible_count_truncates_as_maes_code():
+    assert visible_count(196, 0.9) == 19  # 19.6: the paper's ViT-S/16 at 224 px
+    assert visible_count(196, 0.75) == 49 and visible_count(64, 0.9) == 6
+    assert visible_count(16, 0.95) == 0  # random_masking refuses this
+
+
 def test_encoder_sees_only_visible_patches():
     mae = tiny(img_size=64, patch_size=8, mask_ratio=0.9)
     seen = []
     mae.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
     loss, pred, mask = mae(torch.randn(2, 1, 64, 64))
-    keep = round(64 * 0.1)
+    keep = 6  # int(6.4), as MAE's code
     assert seen == [torch.Size([2, 1 + keep, 192])]
     assert pred.shape == (2, 64, 64) and mask.shape == (2, 64)
     assert torch.isfinite(loss)

@@ -22,6 +22,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 
+def visible_count(tokens: int, mask_ratio: float) -> int:
+    """How many of `tokens` patches the encoder sees: int(L x (1 - mask_ratio)), as MAE's
+    code (and Xiao et al.'s) computes it, so 19 of 196 at 0.9, not 20."""
+    return int(tokens * (1.0 - mask_ratio))
+
+
 @dataclass(frozen=True)
 class MaePreset:
     """A named encoder with the decoder the X-ray MAE paper (Xiao et al., WACV 2023) pairs it
@@ -176,7 +182,7 @@ class MaskedAutoencoder(nn.Module):
         return x.reshape(x.shape[0], c, g * p, g * p)  # [B, C, H, W]
 
     def random_masking(self, x: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Keep a random round(L * (1 - mask_ratio)) tokens per sample.
+        """Keep a random `visible_count(L, mask_ratio)` tokens per sample.
 
         Sorting uniform noise gives every sample its own random permutation; the first
         `keep` of it are visible. Returns the visible tokens [B, K, D], the mask [B, L] in
@@ -185,7 +191,7 @@ class MaskedAutoencoder(nn.Module):
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         b, n, d = x.shape  # B, L, D
-        keep = round(n * (1.0 - mask_ratio))
+        keep = visible_count(n, mask_ratio)
         if keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {n}")
         noise = torch.rand(b, n, device=x.device)  # [B, L]
