@@ -243,8 +243,13 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
     """Fine-tune on the labels of `splits[0]`, keep the epoch with the best AUC on `splits[1]`,
     score `splits[2]` once (or load all of it from a finished run).
 
-    The learning rate follows config (lr = base_lr x batch / 256); a label share smaller than
-    one batch trains on one batch of all its images, with the rate scaled to that batch.
+    The learning rate follows config (lr = base_lr x batch / 256); a split smaller than one
+    batch trains on one batch of all its images, with the rate scaled to that batch.
+
+    A label share (train_fraction < 1) trains for as many steps as the whole split would: each
+    epoch draws, with replacement, as many images from the share as the split holds. With the
+    same epochs, a share of 10% would otherwise take a tenth of the steps, and a comparison of
+    starts at small shares would compare models that had barely begun to learn.
     """
     recipe.check()
     weights = recipe.weights
@@ -252,11 +257,15 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
         weights = str(imagenet_weights(recipe.model))  # WeightsUnavailable: the arm is skipped
     train_split, valid_split, test_split = splits
     rows = label_subset(cache, recipe.train_fraction, config.seed, train_split)
+    split_images = len(cache.split_indices(train_split))
+    draws = split_images if len(rows) < split_images else None  # per epoch, for a share
     augment = finetune_augment(cache, recipe, train_split)
     extra = {"recipe": {**dataclasses.asdict(recipe), "weights": runs.weights_digest(weights)},
              "data": cache_identity(cache), "splits": list(splits), "train_images": len(rows),
              "normalise": [augment.mean, augment.std], **config.extra}
-    config = dataclasses.replace(config, batch_size=min(config.batch_size, len(rows)),
+    if draws is not None:
+        extra["draws_per_epoch"] = draws
+    config = dataclasses.replace(config, batch_size=min(config.batch_size, split_images),
                                  keep_best="valid_auc", extra=extra)
     torch.manual_seed(config.seed)  # the head's (and a random start's) weights are the run's
     model, report = build_classifier(
@@ -265,7 +274,8 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
         weights=weights)
     device = default_device()
     train = CacheBatches(cache, rows, config.batch_size, shuffle=True, seed=config.seed,
-                         drop_last=True, device=device, resident=resident)
+                         drop_last=True, device=device, resident=resident, draws=draws,
+                         sample_weights=None if draws is None else np.ones(len(rows)))
     valid = CacheBatches(cache, valid_split, config.batch_size, device=device, resident=resident)
     extra_cbs = [ValidAUC(), *cbs]
     if recipe.mixup or recipe.cutmix:

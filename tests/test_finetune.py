@@ -128,17 +128,25 @@ def test_label_shares_are_seeded_nested_and_whole_patients(cache):
     assert len(label_subset(cache, 0.001, 0)) >= 1  # at least one patient
 
 
-def test_a_share_smaller_than_a_batch_trains_one_batch_and_records_its_size(cache, tmp_path):
+def test_a_label_share_trains_as_many_steps_as_the_whole_split(cache, tmp_path):
     recipe = dataclasses.replace(RECIPE, train_fraction=0.1, randaug_magnitude=None,
                                  layer_decay=None, mixup=0.8, cutmix=1.0)
     config = dataclasses.replace(CONFIG, epochs=1)
     result = finetune(cache, recipe, config, tmp_path, progress=False)
-    assert result.train_images == len(label_subset(cache, 0.1, config.seed))
-    assert result.config.batch_size == min(config.batch_size, result.train_images)
+    share, split = len(label_subset(cache, 0.1, config.seed)), len(cache.split_indices("train"))
+    assert result.train_images == share < config.batch_size < split  # a share below one batch
+    assert result.config.batch_size == config.batch_size  # the whole split's batch and rate
+    assert result.run.history["step"].tolist() == [split // config.batch_size]
     stored = json.loads((result.run.path / "config.json").read_text())
-    assert stored["extra"]["train_images"] == result.train_images
+    assert stored["extra"]["train_images"] == share
+    assert stored["extra"]["draws_per_epoch"] == split
     assert stored["extra"]["recipe"]["mixup"] == 0.8
     assert np.isfinite(result.run.history["train_loss"]).all()
+    whole = finetune(cache, dataclasses.replace(recipe, train_fraction=1.0), config, tmp_path,
+                     progress=False)
+    assert "draws_per_epoch" not in json.loads((whole.run.path / "config.json").read_text())[
+        "extra"]
+    assert whole.run.history["step"].tolist() == result.run.history["step"].tolist()
 
 
 def test_mixup_mixes_images_and_labels_with_one_lambda_and_keeps_unknowns_unknown():
