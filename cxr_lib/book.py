@@ -141,9 +141,27 @@ def run_chapter(notebook: Path, parameters: dict[str, Any], out_dir: Path) -> Pa
             os.replace(running, failed)
         raise ChapterError(_failure_message(notebook.stem, err, failed)) from err
     failed.unlink(missing_ok=True)
+    _tidy_streams(running)
     final = out_dir / f"{notebook.stem}.ipynb"
     os.replace(running, final)
     return final
+
+
+def _tidy_streams(path: Path) -> None:
+    """Show each cell's text output as a notebook front end would: consecutive pieces of one
+    stream merged, a progress bar's carriage-return updates reduced to their last state, and
+    pieces left blank dropped. Papermill keeps every flush as its own output, which the book
+    drew as a stack of boxes, one per update of a progress bar."""
+    import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    content = nbformat.read(path, as_version=4)
+    CoalesceStreamsPreprocessor().preprocess(content, {})
+    for cell in content.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs
+                            if o.output_type != "stream" or o.text.strip()]
+    nbformat.write(content, path)
 
 
 def _failure_message(stem: str, err: Exception, failed: Path) -> str:

@@ -36,6 +36,13 @@ REPORT = ('from pathlib import Path\n'
           'text = f"{seed} {greeting} {profile} {Path.cwd().name}"\n'
           'Path(work_dir, NAME + ".txt").write_text(text)\n'
           'print(text)')
+# A progress bar as tqdm draws it: one flush per update, each after a carriage return; the
+# cell prints its result, then the bar's closing newline arrives on its own.
+PROGRESS = ('import sys, time\n'
+            'for k in range(1, 4):\n'
+            '    sys.stderr.write(f"\\rbar {k}/3"); sys.stderr.flush(); time.sleep(0.05)\n'
+            'print("done", flush=True); time.sleep(0.05)\n'
+            'sys.stderr.write("\\n"); sys.stderr.flush()')
 
 
 def write_notebook(path: Path, title: str, *code: str) -> Path:
@@ -71,7 +78,7 @@ def executed(tmp_path_factory):
                      "shared: {seed: 0, greeting: hello, data_root: null}\n"
                      "chapters:\n  02_mae_pretraining: {greeting: two}\n")
     write_notebook(repo / "notebooks" / "01_data_curation.ipynb", "Chapter one",
-                   'NAME = "01"\n' + REPORT)
+                   'NAME = "01"\n' + REPORT, PROGRESS)
     write_notebook(repo / "notebooks" / "02_mae_pretraining.ipynb", "Chapter two",
                    'NAME = "02"\n' + REPORT)
     return repo, run_book("tiny", repo=repo, publish=True)
@@ -95,6 +102,13 @@ def test_executed_notebooks_land_in_build_and_in_book_when_published(executed):
     assert notebook.cells[-1].outputs[0]["text"] == "0 two tiny notebooks\n"
     published = repo / "book" / "chapters"
     assert sorted(p.name for p in published.iterdir()) == [p.name for p in paths]
+
+
+def test_a_progress_bar_shows_once_in_its_last_state(executed):
+    _, paths = executed
+    outputs = nbformat.read(paths[0], as_version=4).cells[-1].outputs
+    assert [(o.output_type, o.name, o.text) for o in outputs] == [
+        ("stream", "stderr", "bar 3/3"), ("stream", "stdout", "done\n")]
 
 
 def test_published_notebooks_name_paths_relative_to_the_project(executed):
