@@ -23,6 +23,9 @@ def test_published_table_holds_the_papers_headline_numbers():
     over = table.set_index("source")["averaged over"]
     assert set(over["Xiao et al. 2023"]) == {"the 14 findings"}
     assert over["Deutch and Levin (MedTransformer)"].startswith("15 labels")
+    tested = table.set_index("source")["tested on"]
+    assert set(tested["Xiao et al. 2023"]) == {"the official test split (25,596 images)"}
+    assert "last third" in tested["Deutch and Levin (MedTransformer)"]
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
