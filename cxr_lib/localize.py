@@ -193,6 +193,16 @@ def grad_cam(cnn: nn.Module, x: Tensor, target_class: int | Sequence[int] | Tens
 
 # ----------------------------------------------------------------------------- boxes
 
+def peak_ratio(maps: Tensor | np.ndarray) -> np.ndarray:
+    """How much each map [B, H, W] stands out: its peak over its mean, [B]. A flat map (a model
+    that looks everywhere alike) gives 1; an empty one (a Grad-CAM with no positive evidence)
+    gives NaN. Say so before reading anything into a map's picture."""
+    flat = _as_numpy(maps).reshape(len(maps), -1).astype(np.float64)  # [B, H*W]
+    mean = flat.mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, flat.max(axis=1) / mean, np.nan)
+
+
 def _as_numpy(maps: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(maps, Tensor):
         maps = maps.detach().float().cpu().numpy()

@@ -24,6 +24,7 @@ from cxr_lib.localize import (
     attention_rollout,
     box_scores,
     grad_cam,
+    peak_ratio,
     rollout,
     scale_boxes,
     score_boxes,
@@ -198,6 +199,15 @@ def test_grad_cam_defaults_to_timm_last_feature_stage():
 
 
 # ----------------------------------------------------------------------------- boxes
+
+def test_peak_ratio_tells_flat_and_empty_maps_from_focused_ones():
+    maps = torch.zeros(3, 4, 4)
+    maps[0] = 1.0  # flat
+    maps[1, 0, 0] = 8.0  # all of it on one pixel of 16: peak 8, mean 0.5
+    ratios = peak_ratio(maps)  # maps[2] is empty
+    np.testing.assert_allclose(ratios[:2], [1.0, 16.0])
+    assert np.isnan(ratios[2])
+
 
 def test_pointing_game_and_mass_inside_by_hand():
     maps = np.zeros((3, 8, 8))
