@@ -69,12 +69,29 @@ def run_recipes(recipes: Sequence[FinetuneRecipe], cache: Cache, config: TrainCo
 
 def run_points(points: Sequence[tuple[FinetuneRecipe, TrainConfig]], cache: Cache,
                run_root: str | Path, *, name: str, **finetune_kwargs: Any) -> pd.DataFrame:
-    """Fine-tune each (recipe, config) in turn; the table of their rows, also saved as parquet."""
-    rows = [result_row(finetune(cache, recipe, cfg, run_root, **finetune_kwargs))
-            for recipe, cfg in points]
+    """Fine-tune each (recipe, config) in turn; the table of their rows, also saved as parquet.
+    With progress (the default) each run is named before its epoch table."""
+    rows = []
+    for i, (recipe, cfg) in enumerate(points, 1):
+        if finetune_kwargs.get("progress", True):
+            print(f"{name}, run {i} of {len(points)}: {describe(recipe, cfg)}", flush=True)
+        rows.append(result_row(finetune(cache, recipe, cfg, run_root, **finetune_kwargs)))
     table = pd.DataFrame(rows)
     runs.atomic_write_parquet(table, Path(run_root) / f"{name}.parquet")
     return table
+
+
+def describe(recipe: FinetuneRecipe, config: TrainConfig) -> str:
+    """A run in words: model, start, regularisation, label share and seed."""
+    parts = [f"{recipe.model} from {recipe.init}"]
+    if recipe.layer_decay is not None:
+        parts.append(f"layer decay {recipe.layer_decay:g}")
+    parts.append(f"drop path {recipe.drop_path:g}")
+    parts.append("no RandAugment" if recipe.randaug_magnitude is None
+                 else f"RandAugment {recipe.randaug_magnitude:g}")
+    if recipe.train_fraction < 1:
+        parts.append(f"{recipe.train_fraction:.0%} of the labels")
+    return ", ".join([*parts, f"seed {config.seed}"])
 
 
 def result_row(result: FinetuneResult) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import FinetuneRecipe, paper_config
-from cxr_lib.grid import grid_points, run_grid, run_recipes, seed_summary
+from cxr_lib.grid import describe, grid_points, run_grid, run_points, run_recipes, seed_summary
 from cxr_lib.study import chapter_cache
 
 BASE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8,
@@ -51,6 +51,17 @@ def test_axes_may_name_config_fields_and_named_tables_keep_their_name(cache, tmp
                         tmp_path, name="starts", progress=False)
     assert (tmp_path / "starts.parquet").is_file()
     assert len(table) == 2 and table["layer_decay"].isna().tolist() == [False, True]
+
+
+def test_with_progress_each_run_is_named_before_it_trains(cache, tmp_path, capsys):
+    points = grid_points(BASE, CONFIG, {"train_fraction": [0.5], "seed": [3]})
+    run_points(points, cache, tmp_path, name="shares")
+    said = capsys.readouterr().out
+    assert said.startswith(f"shares, run 1 of 1: {BASE.model} from random, ")
+    assert "50% of the labels, seed 3\n" in said
+    assert describe(dataclasses.replace(BASE, layer_decay=0.55, randaug_magnitude=None),
+                    CONFIG).split(", ")[1:4] == ["layer decay 0.55", f"drop path "
+                                                 f"{BASE.drop_path:g}", "no RandAugment"]
 
 
 def test_unknown_or_empty_axes_are_refused():
