@@ -19,7 +19,7 @@ from cxr_lib.contrastive import MomentumQueue, moco_config
 from cxr_lib.data.cache import open_cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.models.moco import MoCo
+from cxr_lib.models.moco import MoCo, shuffle_batch
 from cxr_lib.study import chapter_cache
 from cxr_lib.train import fit, model_loss
 
@@ -57,8 +57,11 @@ def _worker(out: Path) -> None:
     res = fit(moco, batches, None, moco_config(2, WORLD * PER_RANK, base_lr=0.5), out / "runs",
               "moco", loss_func=model_loss, batch_tfm=MocoAugment(24, mean=0.5, std=0.25),
               cbs=[keep, MomentumQueue()], progress=False)
-    torch.save({"state": moco.state_dict(), "keys": keep.keys, "steps": res.metrics["steps"]},
-               out / f"rank{rank}.pt")
+    x = (rank * PER_RANK + torch.arange(PER_RANK, dtype=torch.float32))[:, None]  # [B, 1]
+    shuffled, restore = shuffle_batch(x)
+    torch.save({"state": moco.state_dict(), "keys": keep.keys, "steps": res.metrics["steps"],
+                "splits": moco.rank_splits(), "x": x, "shuffled": shuffled,
+                "restored": restore(10 * shuffled)}, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -77,6 +80,14 @@ def test_the_queue_gathers_the_keys_of_every_rank(tmp_path):
                                                                strict=True)])
     assert torch.equal(r0["state"]["queue"][:len(expected)], expected)
     assert not torch.equal(r0["keys"][0], r1["keys"][0])  # each rank keyed its own images
+
+    # bn_splits=2 groups of the global batch: one per rank, with the keys shuffled across ranks
+    assert r0["splits"] == r1["splits"] == 1
+    drawn = torch.cat([r0["shuffled"], r1["shuffled"]]).flatten()
+    assert sorted(drawn.tolist()) == list(range(WORLD * PER_RANK))  # every image once
+    assert (r0["shuffled"] >= PER_RANK).any()  # rank 0 computes some of rank 1's images
+    for r in (r0, r1):  # rows computed elsewhere come back to the rank and place they left
+        assert torch.equal(r["restored"], 10 * r["x"])
 
 
 if __name__ == "__main__":  # one rank, started by torchrun

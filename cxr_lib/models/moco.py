@@ -20,7 +20,11 @@ could tell the positive from the queue's negatives by that batch signature inste
 MoCo spreads a batch over 8 GPUs (BN per GPU) and shuffles the keys across GPUs ("shuffle BN").
 This module does the same on one device: both encoders see the batch in `bn_splits` sub-batches,
 each normalised on its own as if on its own GPU, and the key batch is shuffled before it is split
-and unshuffled after, so a query and its key are normalised among different images.
+and unshuffled after, so a query and its key are normalised among different images. Under
+torchrun `bn_splits` still counts the groups of the global batch: each of `world` ranks splits
+its share into bn_splits / world groups (at least one), and the key images are shuffled across
+the ranks, as MoCo's `_batch_shuffle_ddp` does, so that the groups stay MoCo's size and a rank
+holding a single group still normalises a query and its key among different images.
 
 Pooled backbone features come from `timm.create_model(name, num_classes=0)`; the query encoder
 keeps timm's parameter names, so its `state_dict()` loads into a timm classifier of the same name.
@@ -29,6 +33,7 @@ keeps timm's parameter names, so its `state_dict()` loads into a timm classifier
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import timm
 import torch
@@ -70,14 +75,40 @@ def split_forward(encoder: nn.Module, x: Tensor, splits: int) -> Tensor:
     return torch.cat([encoder(part) for part in x.chunk(splits)])
 
 
+def _world() -> int:
+    distributed = dist.is_available() and dist.is_initialized()
+    return dist.get_world_size() if distributed else 1
+
+
 def gather_keys(keys: Tensor) -> Tensor:
     """The keys of every rank, in rank order (all ranks must hold as many); `keys` alone when
     not distributed. No gradient flows through: keys come from the key encoder."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return keys
     out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
     dist.all_gather(out, keys.contiguous())
     return torch.cat(out)  # [world x B, D]
+
+
+@torch.no_grad()
+def shuffle_batch(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The rows of x [B, ...] in a random order, and the function that puts rows computed from
+    them back in the order of x. Under torchrun the order is drawn over the global batch (rank
+    0's draw, broadcast) and each rank gets B rows that mostly come from other ranks."""
+    if _world() == 1:
+        perm = torch.randperm(len(x), device=x.device)  # [B]
+        return x[perm], lambda rows: rows[torch.argsort(perm)]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    everyone = gather_keys(x)  # [world x B, ...]
+    perm = torch.randperm(len(everyone), device=x.device)  # [world x B]
+    dist.broadcast(perm, src=0)
+    mine = perm.view(world, -1)[rank]  # [B] rows of `everyone` this rank computes
+
+    def restore(rows: Tensor) -> Tensor:  # [B, D] for `mine` -> [B, D] for this rank's x
+        in_perm_order = gather_keys(rows)  # [world x B, D]
+        return in_perm_order[torch.argsort(perm)].view(world, len(x), -1)[rank]
+
+    return everyone[mine], restore
 
 
 class MoCo(nn.Module):
@@ -131,18 +162,21 @@ class MoCo(nn.Module):
         self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
 
+    def rank_splits(self) -> int:
+        """Batch-norm groups of this rank's share: `bn_splits` over the global batch."""
+        return max(1, self.bn_splits // _world())
+
     def embed_query(self, x: Tensor) -> Tensor:
         """Normalised projections [B, D] of images x [B, C, H, W] by the query side."""
-        feats = split_forward(self.encoder_q, x, self.bn_splits)  # [B, F]
+        feats = split_forward(self.encoder_q, x, self.rank_splits())  # [B, F]
         return F.normalize(self.head_q(feats).float(), dim=1)  # [B, D]
 
     @torch.no_grad()
     def embed_key(self, x: Tensor) -> Tensor:
         """Normalised projections [B, D] by the key side, with shuffled batch-norm groups."""
-        perm = torch.randperm(len(x), device=x.device)  # [B]
-        feats = split_forward(self.encoder_k, x[perm], self.bn_splits)  # [B, F], shuffled
-        keys = F.normalize(self.head_k(feats).float(), dim=1)  # [B, D]
-        return keys[torch.argsort(perm)]  # back in the order of x
+        shuffled, restore = shuffle_batch(x)
+        feats = split_forward(self.encoder_k, shuffled, self.rank_splits())  # [B, F]
+        return restore(F.normalize(self.head_k(feats).float(), dim=1))  # [B, D], order of x
 
     def forward(self, views: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """views [2, B, C, H, W] (two augmentations of the same B images) -> (InfoNCE loss,
