@@ -100,6 +100,13 @@ def test_imagenet_without_local_weights_is_skipped_with_a_reason(monkeypatch, tm
     monkeypatch.setattr(classifier, "try_to_load_from_cache",
                         lambda repo, filename: str(cached) if repo.startswith("timm/") else None)
     assert imagenet_weights("densenet121") == cached
+    seen = []
+    monkeypatch.setattr(classifier, "try_to_load_from_cache",
+                        lambda repo, filename: seen.append(repo) or str(cached))
+    assert imagenet_weights("hiera_tiny", tag="mae") == cached
+    assert seen == ["timm/hiera_tiny_224.mae"]  # MAE alone, not timm's fine-tuned default
+    with pytest.raises(WeightsUnavailable, match="no weights 'densenet121.mae'"):
+        imagenet_weights("densenet121", tag="mae")
 
 
 def test_moco_backbones_load_in_timm_layout_and_in_mocos_released_layout(tmp_path):

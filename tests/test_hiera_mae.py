@@ -246,8 +246,25 @@ def test_imagenet_hiera_weights_start_the_mae(tmp_path):
     mae = tiny()
     report = load_start(mae, "imagenet", path)
     assert sorted(report.adapted) == ["patch_embed.proj.weight", "pos_embed"]
-    assert sorted(report.unexpected) == ["head.norm.bias", "head.norm.weight"]
-    assert report.missing and all(k.startswith(("decoder", "mask_token", "multi_scale",
-                                                "encoder_norm")) for k in report.missing)
+    assert report.unexpected == []  # timm's head.norm is the MAE's encoder_norm
+    assert torch.equal(mae.encoder_norm.weight, source.head.norm.weight)
+    assert report.missing and all(k.startswith(("decoder", "mask_token", "multi_scale"))
+                                  for k in report.missing)
     assert torch.equal(mae.blocks[5].mlp.fc1.weight, source.blocks[5].mlp.fc1.weight)
     assert mae.pos_embed.shape == (1, 16 * 16, 96)
+
+
+def test_the_released_mae_checkpoint_continues_whole(tmp_path):
+    """MedTransformer continues facebookresearch/hiera's `mae_in1k` MAE, decoder included:
+    {"model_state": ...} in the official names, encoder_norm too (timm's filter renames it
+    head.norm, which the MAE must take back)."""
+    torch.manual_seed(0)
+    released = tiny()
+    path = tmp_path / "mae_hiera_tiny_224.pth"
+    torch.save({"model_state": released.state_dict(), "epoch": 400}, path)
+    torch.manual_seed(1)
+    mae = tiny()
+    report = load_start(mae, "imagenet", path)
+    assert report.missing == [] and report.unexpected == []
+    for name, value in released.state_dict().items():
+        assert torch.equal(mae.state_dict()[name], value), name

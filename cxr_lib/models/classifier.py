@@ -142,10 +142,15 @@ def _create(name: str, num_classes: int, in_chans: int, img_size: int, patch_siz
     return timm.create_model(name, **kwargs)
 
 
-def imagenet_weights(model: str) -> Path:
+def imagenet_weights(model: str, tag: str | None = None) -> Path:
     """The local file of timm's ImageNet weights for `model` (the Hugging Face cache), or
-    `WeightsUnavailable` saying why the ImageNet arm cannot run. Never downloads."""
-    name = timm_name(model)
+    `WeightsUnavailable` saying why the ImageNet arm cannot run. Never downloads. `tag` picks
+    other weights than timm's default, e.g. "mae" for Hiera's MAE pre-training alone (the
+    default, `mae_in1k_ft_in1k`, was fine-tuned on ImageNet's labels after it)."""
+    name = timm_name(model) + (f".{tag}" if tag else "")
+    if tag and name not in timm.list_pretrained(name):
+        raise WeightsUnavailable(f"timm has no weights {name!r}; those of {timm_name(model)}: "
+                                 f"{timm.list_pretrained(timm_name(model) + '.*')}")
     repo = timm.models.get_pretrained_cfg(name).hf_hub_id
     for filename in ("model.safetensors", "pytorch_model.bin"):
         found = try_to_load_from_cache(repo, filename)
@@ -199,6 +204,9 @@ def _source_layout(state: dict[str, Tensor], init: str, net: nn.Module) -> dict[
         state = _filter_torchvision_pretrained(dict(state))
     if isinstance(net, Hiera):
         state = checkpoint_filter_fn(state, net)  # official names (norm, head.projection)
+    if hasattr(net, "encoder_norm"):  # a HieraMae: its own norm, which timm calls head.norm
+        state = {f"encoder_norm.{k.removeprefix('head.norm.')}" if k.startswith("head.norm.")
+                 else k: v for k, v in state.items()}
     head = net.pretrained_cfg["classifier"] + "."
     return {k: v for k, v in state.items() if not k.startswith(head)}
 
