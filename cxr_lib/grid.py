@@ -68,11 +68,23 @@ def run_recipes(recipes: Sequence[FinetuneRecipe], cache: Cache, config: TrainCo
 
 
 def run_points(points: Sequence[tuple[FinetuneRecipe, TrainConfig]], cache: Cache,
-               run_root: str | Path, *, name: str, **finetune_kwargs: Any) -> pd.DataFrame:
-    """Fine-tune each (recipe, config) in turn; the table of their rows, also saved as parquet."""
-    rows = [result_row(finetune(cache, recipe, cfg, run_root, **finetune_kwargs))
-            for recipe, cfg in points]
+               run_root: str | Path, *, name: str, labels: Sequence[str] | None = None,
+               **finetune_kwargs: Any) -> pd.DataFrame:
+    """Fine-tune each (recipe, config) in turn; the table of their rows, also saved as parquet.
+
+    `labels` name the points: each is printed before its run, so that the run's epoch table
+    says whose it is, and kept as the table's first column, `label`.
+    """
+    if labels is not None and len(labels) != len(points):
+        raise ValueError(f"{len(labels)} labels for {len(points)} points")
+    rows = []
+    for i, (recipe, cfg) in enumerate(points):
+        if labels is not None:
+            print(labels[i])
+        rows.append(result_row(finetune(cache, recipe, cfg, run_root, **finetune_kwargs)))
     table = pd.DataFrame(rows)
+    if labels is not None:
+        table.insert(0, "label", list(labels))
     runs.atomic_write_parquet(table, Path(run_root) / f"{name}.parquet")
     return table
 
