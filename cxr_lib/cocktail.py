@@ -7,12 +7,16 @@ cache of merged sources (`cxr_lib.data.merge`) plus a share per source: each pre
 draws its images so that source s makes up `weight_s / sum(weights)` of the draws, however many
 images it holds. The normalisation of the mix follows from the sources' own statistics and the
 same shares, so it describes what the encoder actually sees.
+
+The chapter's verdicts are here too: they rank arms only where the gaps exceed the noise, and
+judge the encoders as painters only once they paint better than a blank prediction.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,9 @@ from cxr_lib.data.covid import read_covid_radiography
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.evaluate import paired_comparison
 from cxr_lib.finetune import FinetuneRecipe
+from cxr_lib.pretrain import HeldoutLoss
 from cxr_lib.train import TrainConfig
 
 LOWRES = "phantom-lowres"
@@ -146,3 +152,107 @@ def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:
     base = FinetuneRecipe(model="hiera_tiny", layer_decay=None, drop_path=0.0,
                           randaug_magnitude=None, crop_scale=(1.0, 1.0), rotation=30.0)
     return dataclasses.replace(base, **changes)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+def paired_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of b - a over paired values [N] (the same images scored twice) and its standard
+    error; NaN error for fewer than two pairs."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)  # [N]
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else np.nan
+    return float(d.mean()), se
+
+
+def told_apart(a: np.ndarray, b: np.ndarray, n_se: float = 2.0) -> bool:
+    """Whether the paired mean difference is more than `n_se` standard errors from 0 (about a
+    95% interval that excludes 0 for the default 2)."""
+    gap, se = paired_gap(a, b)
+    return bool(abs(gap) > n_se * se)  # a NaN error cannot tell them apart
+
+
+def auc_separation(scores: Mapping[str, np.ndarray], targets: np.ndarray,
+                   patients: Sequence, findings: Sequence[str], tie: float, *,
+                   n_boot: int = 1000, seed: int = 0) -> Callable[[str, str], bool]:
+    """`apart(a, b)`: whether runs a and b, scored on the same images (`scores` by name, logits
+    [N, F]), have mean AUCs that can be told apart. That takes both a gap of `tie` or more (what
+    another seed could move, which one run per arm cannot measure) and a paired patient
+    bootstrap whose 95% interval of the difference excludes 0 (what other images could move)."""
+    @functools.cache
+    def apart(a: str, b: str) -> bool:
+        r = paired_comparison(scores[a], scores[b], targets, patients, findings,
+                              n_boot=n_boot, seed=seed)
+        return abs(r.diff) >= tie and not r.lower <= 0 <= r.upper
+    return apart
+
+
+def ranking_sentence(scores: Mapping[str, float], apart: Callable[[str, str], bool]) -> str:
+    """The names from highest score down, with `>` where every name above can be told apart
+    (`apart`) from every name below, else `≈`; so every `>` holds for all pairs across it."""
+    ranked = sorted(scores, key=lambda k: -scores[k])
+    order = ranked[0]
+    for k in range(1, len(ranked)):
+        clear = all(apart(up, low) for up in ranked[:k] for low in ranked[k:])
+        order += (" > " if clear else " ≈ ") + ranked[k]
+    if " > " in order:
+        return f"the order is {order}"
+    return (f"the validation AUCs cannot split the starts into a better and a worse group "
+            f"({order}), so this edition cannot rank them")
+
+
+def _names(labels: Sequence[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutLoss],
+                     aucs: Sequence[float], apart: Callable[[str, str], bool]) -> str:
+    """Does the encoder that paints held-out images best give the best classifier?
+
+    `heldout` are the encoders' losses on the same images and masks, `aucs` their fine-tuned
+    AUCs, aligned with `labels`. The answer is withheld where it would claim more than the runs
+    show: when no encoder paints better than the zero prediction of `HeldoutLoss` (it has
+    learnt nothing to compare), and when the best painter's losses cannot be told apart from
+    another's image by image (`told_apart`). AUCs count as a tie unless `apart(label, label)`
+    (`auc_separation`).
+    """
+    if not len(labels) == len(heldout) == len(aucs) or not len(labels):
+        raise ValueError("painter_sentence: labels, heldout and aucs must be non-empty and "
+                         "aligned")
+    best = min(range(len(labels)), key=lambda i: heldout[i].loss)
+    losses = "; ".join(f"{label}: {h.loss:.4f}" for label, h in zip(labels, heldout, strict=True))
+    blank = heldout[best].baseline
+    learnt = [h.loss < h.baseline and told_apart(h.baseline_per_image, h.per_image)
+              for h in heldout]
+    if not learnt[best]:
+        short = ("are not below" if heldout[best].loss >= blank else
+                 "are below it by less than twice the standard error of the per-image "
+                 "difference, not clearly below")
+        return (f"no encoder painted the held-out chest images better than the blank "
+                f"prediction: their losses ({losses}) {short} its {blank:.4f}. At this scale "
+                "the encoders have not learnt to paint, so the comparison says nothing about "
+                "whether a better painter makes a better classifier")
+    failed = [labels[i] for i in range(len(labels)) if not learnt[i]]
+    losses += f"; blank prediction: {blank:.4f}" + (
+        f", which {_names(failed)} did not beat" if failed else "")
+    tied = [labels[i] for i in range(len(labels))
+            if i != best and not told_apart(heldout[best].per_image, heldout[i].per_image)]
+    if tied:
+        return (f"the held-out losses cannot tell {_names([labels[best], *tied])} apart "
+                f"({losses}): they differ by less than twice the standard error of their "
+                "per-image difference, so this edition cannot say which encoder painted best, "
+                "nor whether a better painter makes a better classifier")
+    painted = (f"the encoder that painted the held-out chest images best ({labels[best]}; "
+               f"losses {losses})")
+    top = max(range(len(labels)), key=lambda i: aucs[i])
+    level = [labels[i] for i in range(len(labels))
+             if i == top or not apart(labels[top], labels[i])]
+    auc = f"{aucs[best]:.3f}"
+    if labels[best] not in level:
+        return (f"{painted} did not give the best classifier among them: its validation AUC, "
+                f"{auc}, is clearly below the best, {aucs[top]:.3f} ({labels[top]})")
+    if len(level) == 1:
+        return (f"{painted} also gave the best classifier among them, with a validation AUC of "
+                f"{auc}, clearly above the others")
+    others = _names([label for label in level if label != labels[best]])
+    return (f"{painted} gave a classifier (validation AUC {auc}) that cannot be told apart "
+            f"from that of {others}")

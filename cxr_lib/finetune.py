@@ -369,3 +369,12 @@ def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, Finetu
     weights = run_dir / runs.BEST if (run_dir / runs.BEST).exists() else run_dir / runs.CHECKPOINT
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
     return model.eval(), finetune_augment(cache, recipe)
+
+
+def split_scores(run_dir: str | Path, cache: Cache, split: str = "val", batch_size: int = 128
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, F] of a finished run's kept weights on a split, and their cache rows [N]. A
+    run stores only its test scores; the validation scores that chose its best epoch are
+    computed again here (e.g. for a paired bootstrap of two runs' validation AUCs)."""
+    model, augment = load_finetuned(run_dir, cache)
+    return evaluate_split(model, cache, split, augment, TrainConfig(batch_size=batch_size))

@@ -68,15 +68,26 @@ def run_recipes(recipes: Sequence[FinetuneRecipe], cache: Cache, config: TrainCo
 
 
 def run_points(points: Sequence[tuple[FinetuneRecipe, TrainConfig]], cache: Cache,
-               run_root: str | Path, *, name: str, **finetune_kwargs: Any) -> pd.DataFrame:
+               run_root: str | Path, *, name: str, labels: Sequence[str] | None = None,
+               **finetune_kwargs: Any) -> pd.DataFrame:
     """Fine-tune each (recipe, config) in turn; the table of their rows, also saved as parquet.
-    With progress (the default) each run is named before its epoch table."""
+
+    Each run is named before its epoch table, so that the table says whose it is: by its
+    `labels` entry, which the table keeps as its first column, `label`; without labels (and
+    with progress, the default) by its recipe in words (`describe`).
+    """
+    if labels is not None and len(labels) != len(points):
+        raise ValueError(f"{len(labels)} labels for {len(points)} points")
     rows = []
-    for i, (recipe, cfg) in enumerate(points, 1):
-        if finetune_kwargs.get("progress", True):
-            print(f"{name}, run {i} of {len(points)}: {describe(recipe, cfg)}", flush=True)
+    for i, (recipe, cfg) in enumerate(points):
+        if labels is not None:
+            print(labels[i], flush=True)
+        elif finetune_kwargs.get("progress", True):
+            print(f"{name}, run {i + 1} of {len(points)}: {describe(recipe, cfg)}", flush=True)
         rows.append(result_row(finetune(cache, recipe, cfg, run_root, **finetune_kwargs)))
     table = pd.DataFrame(rows)
+    if labels is not None:
+        table.insert(0, "label", list(labels))
     runs.atomic_write_parquet(table, Path(run_root) / f"{name}.parquet")
     return table
 

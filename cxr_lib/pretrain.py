@@ -162,21 +162,55 @@ def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
     return path
 
 
-def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
-                 batch_size: int = 128) -> float:
-    """Mean reconstruction loss on cache `rows` (plain views), the masks drawn from `seed`.
+@dataclass(frozen=True)
+class HeldoutLoss:
+    """Per-image reconstruction losses [N] of an encoder on held-out images, and of a zero
+    prediction under the same masks and target (`baseline`).
 
-    Unlike the training loss, it is comparable across runs trained on different mixes: the
-    same images with the same masks (for models with the same patch layout). With
-    `norm_pix_loss` it does not depend on the runs' normalisation either.
+    With `norm_pix_loss` the target is each patch normalised by its own mean and spread, so the
+    zero prediction paints every hidden patch a flat grey at its own mean: it scores
+    (n - 1) / n for a patch of n pixels that is not flat, a little under 1. Without it, zero is
+    the normalisation mean, the mix's average pixel. An encoder that does not beat this has not
+    learnt to paint.
+    """
+
+    per_image: np.ndarray  # [N]
+    baseline_per_image: np.ndarray  # [N]
+
+    @property
+    def loss(self) -> float:
+        return float(self.per_image.mean())
+
+    @property
+    def baseline(self) -> float:
+        return float(self.baseline_per_image.mean())
+
+
+def _masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each image's mean over its hidden patches: [B, L] -> [B]."""
+    return (per_patch * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
+                 batch_size: int = 128) -> HeldoutLoss:
+    """Reconstruction losses on cache `rows` (plain views), the masks drawn from `seed`.
+
+    Unlike the training loss, they are comparable across runs trained on different mixes: the
+    same images with the same masks (for models with the same patch layout), image by image.
+    With `norm_pix_loss` they do not depend on the runs' normalisation either. Every image hides
+    as many patches as any other, so the mean over images is the model's loss on them all.
     """
     mae, plain = pretrained.mae, pretrained.augment.plain
     device = next(mae.parameters()).device
-    total, count = 0.0, 0
+    losses, baselines = [], []
     with torch.no_grad(), eval_mode(mae):
         for i in range(0, len(rows), batch_size):
             x = torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
+            x = plain(x.to(device))
             torch.manual_seed(seed + i)  # the same masks for every model
-            loss, _, _ = mae(plain(x.to(device)))
-            total, count = total + float(loss) * len(x), count + len(x)
-    return total / count
+            _, pred, mask = mae(x)  # [B, L, p*p*C], [B, L]
+            target = mae.loss_target(x)  # [B, L, p*p*C]
+            losses.append(_masked_mean(((pred - target) ** 2).mean(dim=-1), mask))
+            baselines.append(_masked_mean((target ** 2).mean(dim=-1), mask))
+    return HeldoutLoss(torch.cat(losses).float().cpu().numpy(),
+                       torch.cat(baselines).float().cpu().numpy())

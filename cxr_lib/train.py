@@ -743,13 +743,20 @@ class _Recorder(Callback):
         self.saved_step = s.step
 
 
+def progress_columns(metrics: Sequence[str], validates: bool) -> list[str]:
+    """The epoch table's columns: epoch, losses, the `metrics` (e.g. valid_auc) and learning
+    rate, so that it fits a page; valid_loss only for a run with validation data (else it is
+    NaN). Steps, throughput and time stay in the history."""
+    return ["epoch", "train_loss", *(["valid_loss"] if validates else []), *metrics, "lr"]
+
+
 class _Progress(Callback):
     """fastprogress bars (HTML in notebooks) and the epoch table; no per-batch host sync."""
 
     order = 85  # after the recorder has written the epoch's row
 
-    def __init__(self, run_state: _RunState) -> None:
-        self.run_state = run_state
+    def __init__(self, run_state: _RunState, validates: bool) -> None:
+        self.run_state, self.validates = run_state, validates
 
     def before_fit(self) -> None:
         self.mbar, self.header, self.pbar = master_bar(range(self.learn.n_epoch)), False, None
@@ -786,11 +793,13 @@ class _Progress(Callback):
         history = self.run_state.history
         if not history or history[-1]["epoch"] != self.learn.epoch:
             return  # an epoch finished before a restart
+        columns = progress_columns([cb.metric_name for cb in self.learn.cbs
+                                    if isinstance(cb, EpochMetric)], self.validates)
         if not self.header:
-            self.mbar.write(list(history[-1]), table=True)
+            self.mbar.write(columns, table=True)
             self.header = True
         self.mbar.write([f"{v:.6g}" if isinstance(v, float) else str(v)
-                         for v in history[-1].values()], table=True)
+                         for v in (history[-1][k] for k in columns)], table=True)
 
     def after_fit(self) -> None:
         self.mbar.on_iter_end()
@@ -985,7 +994,7 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
     if compiler is not None:
         engine.append(compiler)
     if progress and rank == 0:
-        engine.append(_Progress(s))
+        engine.append(_Progress(s, validates=valid_dl is not None))
     groups = _param_groups(model, config, param_groups)
     learn = Learner(DataLoaders(batches, valid), model, loss_func=loss_func,
                     opt_func=_optimizer(config, device), lr=config.lr, splitter=lambda _: groups,

@@ -9,20 +9,26 @@ import torch
 
 from cxr_lib.augment import pixel_stats, random_rotate
 from cxr_lib.cocktail import (
+    auc_separation,
     chest_share_weights,
     cocktail_sources,
     medtransformer_finetune_config,
     medtransformer_finetune_recipe,
     medtransformer_pretrain_config,
     mix_stats,
+    painter_sentence,
+    paired_gap,
+    ranking_sentence,
     row_weights,
     source_shares,
+    told_apart,
 )
 from cxr_lib.data.cache import prepare_cache
 from cxr_lib.data.core import FINDINGS, XrayDataset, merge
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import FinetuneRecipe, finetune_augment
+from cxr_lib.pretrain import HeldoutLoss
 
 SIZE = 8
 # Source "dark" images are all 40, "bright" all 200 with a 20-px checker; sizes differ 4:1.
@@ -178,3 +184,116 @@ def test_a_pass_can_draw_a_set_number_of_images(cache):
     assert len(batches) == 3 and sum(len(b) for b in batches.batch_indices(0)) == 20
     with pytest.raises(ValueError, match="needs sample_weights"):
         CacheBatches(cache, "train", 8, shuffle=True, draws=20)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+NOISE = np.random.default_rng(0).normal(0, 0.05, 100)  # [100] per-image spread
+BLANK = np.full(100, 0.98)  # [100] the zero prediction's loss, image by image
+
+
+def heldout(loss: float, jitter: float = 0.0) -> HeldoutLoss:
+    """Per-image losses around `loss`; `jitter` adds noise of its own to each image."""
+    own = np.random.default_rng(int(loss * 1e4)).normal(0, jitter, 100)
+    return HeldoutLoss(loss + NOISE + own - (NOISE + own).mean(), BLANK)
+
+
+def test_paired_gap_is_the_mean_difference_and_its_standard_error():
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.5, 2.0, 3.5, 5.0])
+    gap, se = paired_gap(a, b)
+    assert gap == pytest.approx(0.5) and se == pytest.approx(np.std([0.5, 0, 0.5, 1], ddof=1) / 2)
+    assert np.isnan(paired_gap(a[:1], b[:1])[1]) and not told_apart(a[:1], b[:1])
+    # the spread the images share cancels: a steady gap of 0.01 is told apart...
+    assert told_apart(1 + NOISE, 1.01 + NOISE)
+    # ...one buried in each image's own noise is not
+    assert not told_apart(heldout(1.0, 0.05).per_image, heldout(1.001, 0.05).per_image)
+
+
+def gap_at_least(aucs: dict, tie: float):
+    return lambda a, b: abs(aucs[a] - aucs[b]) >= tie
+
+
+def test_auc_separation_needs_the_seed_floor_and_a_clear_bootstrap():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (300, 2)).astype(float)  # [N, F]
+    good = targets + rng.normal(0, 0.6, targets.shape)  # AUC about 0.88
+    scores = {"good": good, "chance": rng.normal(0, 1, targets.shape),
+              "jittered": good + rng.normal(0, 0.1, targets.shape)}
+    patients, findings = np.arange(300) // 2, ["a", "b"]  # two images a patient
+    apart = auc_separation(scores, targets, patients, findings, 0.03, n_boot=200)
+    assert apart("good", "chance") and apart("chance", "good")
+    # jittered is 0.006 below good, an interval clear of 0 on 300 images: only the floor holds
+    assert not apart("good", "jittered")
+    assert auc_separation(scores, targets, patients, findings, 0.0, n_boot=200)(
+        "good", "jittered")
+    # on 10 images jittered is 0.024 above good, over a floor of 0.02, but the interval is wide
+    few = {k: v[:10] for k, v in scores.items()}
+    assert not auc_separation(few, targets[:10], patients[:10], findings, 0.02, n_boot=200)(
+        "good", "jittered")
+
+
+def test_ranking_puts_greater_only_where_both_sides_are_told_apart():
+    aucs = {"random": 0.529, "chest only": 0.550, "cocktail": 0.553}
+    assert (ranking_sentence(aucs, gap_at_least(aucs, 0.02))
+            == "the order is cocktail ≈ chest only > random")
+    assert ranking_sentence(aucs, gap_at_least(aucs, 0.03)) == (
+        "the validation AUCs cannot split the starts into a better and a worse group "
+        "(cocktail ≈ chest only ≈ random), so this edition cannot rank them")
+    three = {"a": 0.70, "b": 0.60, "c": 0.65}
+    assert ranking_sentence(three, gap_at_least(three, 0.03)) == "the order is a > c > b"
+    spaced = {"a": 0.7, "b": 0.65, "c": 0.6}
+
+    def only_ac(x: str, y: str) -> bool:
+        return {x, y} == {"a", "c"}
+
+    def all_but_bc(x: str, y: str) -> bool:
+        return {x, y} != {"b", "c"}
+
+    assert ranking_sentence(spaced, only_ac).startswith(
+        "the validation AUCs cannot split")  # a and c differ, but b sits between both
+    assert ranking_sentence(spaced, all_but_bc) == "the order is a > b ≈ c"
+
+
+def test_painters_that_do_not_beat_the_blank_baseline_say_nothing():
+    aucs = {"chest share 100%": 0.550, "chest share 50%": 0.553}
+    said = painter_sentence(list(aucs), [heldout(1.0798), heldout(1.0792)], list(aucs.values()),
+                            gap_at_least(aucs, 0.03))
+    assert said.startswith("no encoder painted the held-out chest images better than the blank")
+    assert "(chest share 100%: 1.0798; chest share 50%: 1.0792) are not below its 0.9800" in said
+    assert "says nothing" in said and "best classifier" not in said
+    # below the blank prediction, but within the noise of the images
+    close = HeldoutLoss(0.978 + heldout(0, 0.05).per_image, BLANK)
+    said = painter_sentence(["A", "B"], [close, heldout(1.0)], [0.7, 0.6], lambda a, b: True)
+    assert "not clearly below its 0.9800" in said and "says nothing" in said
+
+
+def test_painters_whose_losses_cannot_be_told_apart_are_a_tie():
+    said = painter_sentence(["A", "B", "C"], [heldout(0.60, 0.05), heldout(0.601, 0.05),
+                                              heldout(0.70)], [0.70, 0.60, 0.65],
+                            lambda a, b: True)
+    assert said.startswith("the held-out losses cannot tell A and B apart (A: 0.6000; B: 0.6010")
+    assert "cannot say which encoder painted best" in said
+
+
+@pytest.mark.parametrize("aucs, verdict", [
+    ([0.70, 0.60, 0.65], "A; losses A: 0.6000; B: 0.7000; C: 0.8000; blank prediction: 0.9800) "
+     "also gave the best classifier among them, with a validation AUC of 0.700, clearly above "
+     "the others"),
+    ([0.60, 0.70, 0.65], "did not give the best classifier among them: its validation AUC, "
+     "0.600, is clearly below the best, 0.700 (B)"),
+    ([0.68, 0.70, 0.60], "gave a classifier (validation AUC 0.680) that cannot be told apart "
+     "from that of B"),
+])
+def test_a_clear_best_painter_is_set_against_the_classifiers(aucs, verdict):
+    said = painter_sentence(["A", "B", "C"], [heldout(0.6), heldout(0.7), heldout(0.8)], aucs,
+                            gap_at_least(dict(zip("ABC", aucs, strict=True)), 0.03))
+    assert said.startswith("the encoder that painted the held-out chest images best (A;")
+    assert verdict in said
+
+
+def test_painters_that_did_not_learn_are_named():
+    said = painter_sentence(["A", "B"], [heldout(0.6), heldout(0.99)], [0.7, 0.6],
+                            lambda a, b: True)
+    assert "blank prediction: 0.9800, which B did not beat) also gave the best" in said
+    with pytest.raises(ValueError, match="aligned"):
+        painter_sentence(["A"], [heldout(0.6)], [0.7, 0.6], lambda a, b: True)

@@ -215,4 +215,7 @@ def test_a_finished_run_loads_its_best_classifier_without_training(cache, tmp_pa
     assert not model.training and augment.mean == result.augment.mean
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b.cpu())
+    scores, rows = ft.split_scores(result.run.path, cache)  # the validation split, again
+    assert rows.tolist() == cache.split_indices("val").tolist()
+    assert mean_auc(scores, cache.labels[rows])[0] == pytest.approx(result.valid_auc)
 

@@ -44,13 +44,19 @@ def test_a_2x2_grid_gives_4_rows_and_a_rerun_loads_all_4(cache, tmp_path):
     pd.testing.assert_frame_equal(again.drop(columns="loaded"), table.drop(columns="loaded"))
 
 
-def test_axes_may_name_config_fields_and_named_tables_keep_their_name(cache, tmp_path):
+def test_axes_may_name_config_fields_and_named_tables_keep_their_name(cache, tmp_path, capsys):
     points = grid_points(BASE, CONFIG, {"seed": [0, 1], "train_fraction": [0.5]})
     assert [(c.seed, r.train_fraction) for r, c in points] == [(0, 0.5), (1, 0.5)]
-    table = run_recipes([BASE, dataclasses.replace(BASE, layer_decay=None)], cache, CONFIG,
-                        tmp_path, name="starts", progress=False)
+    recipes = [BASE, dataclasses.replace(BASE, layer_decay=None)]
+    table = run_recipes(recipes, cache, CONFIG, tmp_path, name="starts",
+                        labels=["with decay", "without"], progress=False)
+    assert capsys.readouterr().out.splitlines() == ["with decay", "without"]  # before each run
     assert (tmp_path / "starts.parquet").is_file()
     assert len(table) == 2 and table["layer_decay"].isna().tolist() == [False, True]
+    assert table.columns[0] == "label" and table["label"].tolist() == ["with decay", "without"]
+    assert pd.read_parquet(tmp_path / "starts.parquet")["label"].tolist() == table["label"].tolist()
+    with pytest.raises(ValueError, match="1 labels for 2 points"):
+        run_recipes(recipes, cache, CONFIG, tmp_path, labels=["one"], progress=False)
 
 
 def test_with_progress_each_run_is_named_before_it_trains(cache, tmp_path, capsys):

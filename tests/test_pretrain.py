@@ -114,12 +114,32 @@ def test_heldout_loss_uses_the_same_masks_for_every_model(cache):
     assert type(pre.mae).__name__ == "HieraMae" and pre.mae.mask_ratio == 0.6
     rows = cache.split_indices("val")
     first = heldout_loss(pre, cache, rows, seed=3, batch_size=4)
-    assert heldout_loss(pre, cache, rows, seed=3, batch_size=4) == first  # masks repeat
-    assert heldout_loss(pre, cache, rows, seed=4, batch_size=4) != first  # other masks
+    assert first.per_image.shape == first.baseline_per_image.shape == (len(rows),)
+    again = heldout_loss(pre, cache, rows, seed=3, batch_size=4)
+    assert np.array_equal(again.per_image, first.per_image)  # masks repeat
+    assert heldout_loss(pre, cache, rows, seed=4, batch_size=4).loss != first.loss  # other masks
     torch.manual_seed(1)
     other = dataclasses.replace(pre, mae=recipe.build())
-    assert heldout_loss(other, cache, rows, seed=3, batch_size=4) != first
+    assert heldout_loss(other, cache, rows, seed=3, batch_size=4).loss != first.loss
+    assert np.allclose(heldout_loss(other, cache, rows, seed=3, batch_size=4).baseline_per_image,
+                       first.baseline_per_image)  # the baseline is the masks', not the model's
     assert pre.mae.training  # the model's mode is given back
+
+    whole = heldout_loss(pre, cache, rows, seed=3, batch_size=len(rows))
+    torch.manual_seed(3)
+    x = pre.augment.plain(torch.from_numpy(np.asarray(cache.images[rows]))[:, None])
+    pre.mae.eval()
+    with torch.no_grad():
+        assert whole.loss == pytest.approx(float(pre.mae(x)[0]), rel=1e-5)  # the model's loss
+    # norm_pix_loss: a blank prediction scores (n-1)/n on a patch of n pixels that is not flat
+    n = pre.mae.patchify(x).shape[-1]
+    assert 0 < whole.baseline <= (n - 1) / n + 1e-6
+    with torch.no_grad():
+        pre.mae.decoder_pred.weight.zero_()
+        pre.mae.decoder_pred.bias.zero_()
+    blank = heldout_loss(pre, cache, rows, seed=3, batch_size=len(rows))
+    assert np.allclose(blank.per_image, blank.baseline_per_image)
+    assert blank.baseline == pytest.approx(whole.baseline)
 
 
 def test_pretraining_can_continue_from_a_weights_file(cache, tmp_path):

@@ -21,7 +21,7 @@ from fastai.callback.core import Callback
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from cxr_lib import runs
+from cxr_lib import runs, train
 from cxr_lib.train import (
     TrainConfig,
     TrainingDiverged,
@@ -314,6 +314,28 @@ def test_validation_auc_and_best_weights(tmp_path):
         scores = model(_to_float(x[30:])).numpy()  # the returned model holds the best epoch
     by_hand = np.mean([roc_auc_score(y[30:, j], scores[:, j]) for j in range(3)])
     assert by_hand == pytest.approx(aucs.max(), abs=1e-9)
+
+
+@pytest.mark.parametrize("validates", [True, False])
+def test_epoch_table_shows_losses_metrics_and_lr_only(tmp_path, monkeypatch, validates):
+    written = []
+
+    class Recording(train.master_bar):
+        def write(self, line, table=False):
+            written.append(list(line))
+            super().write(line, table=table)
+
+    monkeypatch.setattr(train, "master_bar", Recording)
+    loaders = _loaders()
+    res = fit(_model(), loaders[0], loaders[1] if validates else None,
+              TrainConfig(epochs=2, batch_size=6), tmp_path, "test", loss_func=masked_bce_loss,
+              batch_tfm=_to_float, valid_tfm=_to_float, cbs=[ValidAUC()] if validates else [])
+    header = (["epoch", "train_loss", "valid_loss", "valid_auc", "lr"] if validates
+              else ["epoch", "train_loss", "lr"])
+    assert written[0] == header and len(written) == 3  # a header, then one row an epoch
+    assert [row[0] for row in written[1:]] == ["0", "1"]
+    assert written[2][1] == f"{res.history['train_loss'].iloc[1]:.6g}"
+    assert {"images_per_s", "elapsed_s", "step"} <= set(res.history)  # kept in the history
 
 
 def test_mean_auc_skips_unstated_and_one_class_findings():
