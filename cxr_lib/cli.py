@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     moco.add_argument("--momentum", type=float, help="of the key encoder (MoCo: 0.999)")
     moco.add_argument("--temperature", type=float, help="of the InfoNCE softmax (MoCo v2: 0.2)")
     moco.add_argument("--hidden-dim", type=int, help="width of the projection head (2048)")
-    moco.add_argument("--bn-splits", type=int, help="batch-norm groups per device batch (8)")
+    moco.add_argument("--bn-splits", type=int, help="batch-norm groups of the global batch (8)")
     moco.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (20)")
     moco.add_argument("--knn-every", type=int, help="epochs between kNN evaluations (1)")
     moco.add_argument("--knn-images", type=int, help="images per split in the kNN monitor")
