@@ -744,12 +744,16 @@ class _Recorder(Callback):
 
 
 class _Progress(Callback):
-    """fastprogress bars (HTML in notebooks) and the epoch table; no per-batch host sync."""
+    """fastprogress bars (HTML in notebooks) and the epoch table; no per-batch host sync.
+
+    The table shows `columns` of the history only, so that it fits a book's page; the history
+    file keeps them all.
+    """
 
     order = 85  # after the recorder has written the epoch's row
 
-    def __init__(self, run_state: _RunState) -> None:
-        self.run_state = run_state
+    def __init__(self, run_state: _RunState, columns: Sequence[str]) -> None:
+        self.run_state, self.columns = run_state, list(columns)
 
     def before_fit(self) -> None:
         self.mbar, self.header, self.pbar = master_bar(range(self.learn.n_epoch)), False, None
@@ -787,10 +791,11 @@ class _Progress(Callback):
         if not history or history[-1]["epoch"] != self.learn.epoch:
             return  # an epoch finished before a restart
         if not self.header:
-            self.mbar.write(list(history[-1]), table=True)
+            self.mbar.write(self.columns, table=True)
             self.header = True
-        self.mbar.write([f"{v:.6g}" if isinstance(v, float) else str(v)
-                         for v in history[-1].values()], table=True)
+        row = history[-1]
+        self.mbar.write([f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                         for c in self.columns], table=True)
 
     def after_fit(self) -> None:
         self.mbar.on_iter_end()
@@ -943,7 +948,7 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
     _check_batches(train_dl, "train_dl")
     if valid_dl is not None:
         _check_batches(valid_dl, "valid_dl")
-    metric_names = {cb.metric_name for cb in cbs if isinstance(cb, EpochMetric)}
+    metric_names = [cb.metric_name for cb in cbs if isinstance(cb, EpochMetric)]
     if config.keep_best not in {None, "train_loss", "valid_loss", *metric_names}:
         raise ValueError(f"TrainConfig.keep_best={config.keep_best!r} is not a history column; "
                          "pass the callback that computes it in cbs (e.g. ValidAUC())")
@@ -984,8 +989,10 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
     compiler = _Compile() if config.compile else None
     if compiler is not None:
         engine.append(compiler)
-    if progress and rank == 0:
-        engine.append(_Progress(s))
+    if progress and rank == 0:  # valid_loss only where there is a validation set
+        columns = ["epoch", "train_loss", *(["valid_loss"] if valid_dl is not None else []),
+                   *metric_names, "lr"]
+        engine.append(_Progress(s, columns))
     groups = _param_groups(model, config, param_groups)
     learn = Learner(DataLoaders(batches, valid), model, loss_func=loss_func,
                     opt_func=_optimizer(config, device), lr=config.lr, splitter=lambda _: groups,

@@ -316,6 +316,20 @@ def test_validation_auc_and_best_weights(tmp_path):
     assert by_hand == pytest.approx(aucs.max(), abs=1e-9)
 
 
+def test_progress_table_shows_losses_metrics_and_lr_only(tmp_path, capsys):
+    cfg = TrainConfig(epochs=2, batch_size=6, base_lr=0.5)
+    train, valid = _loaders()
+    fit(_model(), train, valid, cfg, tmp_path, "a", loss_func=masked_bce_loss,
+        batch_tfm=_to_float, valid_tfm=_to_float, cbs=[ValidAUC()])
+    fit(_model(), train, None, cfg, tmp_path, "b", loss_func=masked_bce_loss,
+        batch_tfm=_to_float)
+    tables = [line.split() for line in capsys.readouterr().out.splitlines()
+              if line.startswith("epoch")]
+    # no validation set, no valid_loss column (it would be NaN in every row)
+    assert tables == [["epoch", "train_loss", "valid_loss", "valid_auc", "lr"],
+                      ["epoch", "train_loss", "lr"]]
+
+
 def test_mean_auc_skips_unstated_and_one_class_findings():
     targets = np.array([[0, 1, 1], [1, 1, np.nan], [0, 1, 0], [1, 1, np.nan], [np.nan, 1, 1]])
     scores = np.array([[0.1, 0.5, 0.9], [0.8, 0.2, 0.0], [0.3, 0.1, 0.2], [0.2, 0.7, 5.0],
