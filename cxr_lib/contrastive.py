@@ -300,3 +300,68 @@ def knn_sentence(results: Mapping[str, tuple[float, float]], epochs: int) -> str
         text += (f" {top} ended highest, {best - second:.3f} above the next." if best > second
                  else " They ended level.")
     return text
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+COLLAPSE_MARGIN = 0.1  # the queue's keys this close to the positives, on average: collapsed
+
+
+@dataclass(frozen=True)
+class KeySimilarity:
+    """Mean cosine similarity of queries to their own image's key (the positive), to the keys of
+    the other images of the batch and to keys from the queue."""
+
+    positive: float
+    other: float
+    queue: float
+
+
+def key_similarity(sims: np.ndarray) -> KeySimilarity:
+    """The means of a similarity matrix [n, n + m]: n queries (rows) against the keys of the
+    other view of the same n images (first n columns, positives on the diagonal), then m keys
+    from the queue."""
+    n = len(sims)
+    if sims.ndim != 2 or n < 2 or sims.shape[1] <= n:
+        raise ValueError(f"key_similarity: expected [n, n + m] with n >= 2 and m >= 1, got "
+                         f"{sims.shape}")
+    batch = sims[:, :n]  # [n, n]
+    return KeySimilarity(float(np.diag(batch).mean()),
+                         float(batch[~np.eye(n, dtype=bool)].mean()), float(sims[:, n:].mean()))
+
+
+def similarity_sentence(before: KeySimilarity, after: KeySimilarity, final_loss: float,
+                        chance_loss: float, margin: float = COLLAPSE_MARGIN) -> str:
+    """The similarities before and after pre-training and a verdict on the trained network:
+    collapsed when the queue's keys come within `margin` of the positives on average; telling
+    its own key from the others when both the queue's and the other images' keys stay further
+    off. Before pre-training the queue holds random vectors, so there only the other images'
+    keys say how alike the network maps different images."""
+    text = (f"After pre-training, a query's mean cosine similarity is {after.positive:.2f} to "
+            f"its own image's key, {after.other:.2f} to the keys of the other images and "
+            f"{after.queue:.2f} to the queue's keys; before, {before.positive:.2f}, "
+            f"{before.other:.2f} and {before.queue:.2f}, the last against the random vectors "
+            "the queue starts with.")
+    collapsed = after.queue >= after.positive - margin
+    if collapsed:
+        text += (f" The queue's keys are within {margin:g} of the positives: the embeddings have "
+                 "collapsed, every key about as similar to a query as its own, so the candidates "
+                 "get about the same probability and the loss stays near chance (final loss "
+                 f"{final_loss:.2f}, chance {chance_loss:.2f}).")
+    elif after.other >= after.positive - margin:
+        text += (f" The positives stand out from the queue's keys by "
+                 f"{after.positive - after.queue:.2f}, but the other images' keys are within "
+                 f"{margin:g} of the positives: the network does not yet tell an image's own "
+                 "key from those of the images beside it in the batch.")
+    else:
+        text += (f" The positives stand out from the queue's keys by "
+                 f"{after.positive - after.queue:.2f} and from the other images' keys by "
+                 f"{after.positive - after.other:.2f}, more than the {margin:g} of a collapse: "
+                 "the network tells an image's own key from the others.")
+    if before.other < before.positive - margin:
+        return text + (" Before pre-training, the positives stood out from the other images' "
+                       f"keys by {before.positive - before.other:.2f}.")
+    text += (" The untrained network already mapped different images almost alike (their keys "
+             f"at {before.other:.2f})")
+    return text + (": the collapse was there before pre-training, which has not undone it."
+                   if collapsed else ".")

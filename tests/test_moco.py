@@ -19,10 +19,12 @@ from cxr_lib.augment import split_stats
 from cxr_lib.augment_views import MocoAugment, brightness_contrast, gaussian_blur
 from cxr_lib.cli import main
 from cxr_lib.contrastive import (
+    KeySimilarity,
     KnnMonitor,
     KnnSettings,
     MocoRecipe,
     MomentumQueue,
+    key_similarity,
     knn_auc,
     knn_scores,
     knn_sentence,
@@ -30,6 +32,7 @@ from cxr_lib.contrastive import (
     moco_config,
     pretrain_moco,
     save_backbone,
+    similarity_sentence,
 )
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import phantom_dataset
@@ -215,6 +218,46 @@ def test_knn_sentence_reports_the_change_and_the_ranking():
     assert "ResNet-50's kNN AUC fell from 0.550" in text and "(-0.050)" in text
     assert "DenseNet-121 ended highest, 0.100 above the next." in text
     assert "could not be computed" in knn_sentence({"A": (math.nan, 0.5)}, epochs=1)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def test_key_similarity_takes_the_diagonal_the_other_images_and_the_queue_apart():
+    sims = np.array([[0.9, 0.1, 0.2, 0.0, 0.5],
+                     [0.3, 0.8, 0.4, 0.1, 0.5],
+                     [0.5, 0.6, 0.7, 0.2, 0.5]])  # 3 queries: 3 keys of their images, 2 queue
+    s = key_similarity(sims)
+    assert s.positive == pytest.approx(0.8)
+    assert s.other == pytest.approx((0.1 + 0.2 + 0.3 + 0.4 + 0.5 + 0.6) / 6)
+    assert s.queue == pytest.approx(1.8 / 6)
+    with pytest.raises(ValueError, match="n \\+ m"):
+        key_similarity(sims[:, :3])  # no queue keys
+
+
+def test_similarity_sentence_names_a_collapse_by_the_stated_rule():
+    random_queue = KeySimilarity(0.97, 0.97, 0.0)  # untrained: all images alike, random queue
+    collapsed = similarity_sentence(random_queue, KeySimilarity(0.96, 0.96, 0.95), 4.8, 4.86)
+    assert "0.96 to its own image's key, 0.96 to the keys of the other images and 0.95" in collapsed
+    assert "the embeddings have collapsed, every key about as similar" in collapsed
+    assert "(final loss 4.80, chance 4.86)" in collapsed
+    assert "already mapped different images almost alike (their keys at 0.97)" in collapsed
+    assert "the collapse was there before pre-training" in collapsed
+    apart = similarity_sentence(KeySimilarity(0.9, 0.3, 0.0), KeySimilarity(0.8, 0.2, 0.1), 2.0,
+                                4.86)
+    assert "collapsed" not in apart
+    assert "by 0.70 and from the other images' keys by 0.60" in apart
+    assert "tells an image's own key from the others" in apart
+    assert apart.endswith("stood out from the other images' keys by 0.60.")
+    # apart from the queue, not from the batch: no collapse, and no claim that it tells keys apart
+    batch = similarity_sentence(random_queue, KeySimilarity(0.86, 0.79, 0.55), 4.0, 4.17)
+    assert "collapsed" not in batch and "tells an image's own key" not in batch
+    assert "by 0.31, but the other images' keys are within 0.1 of the positives" in batch
+    assert batch.endswith("almost alike (their keys at 0.97).")
+    # the rule: the queue within the margin of the positives, on average
+    at_margin = KeySimilarity(0.75, 0.25, 0.5)
+    assert "collapsed" in similarity_sentence(random_queue, at_margin, 4.0, 4.86, margin=0.25)
+    assert "collapsed" not in similarity_sentence(random_queue, at_margin, 4.0, 4.86,
+                                                  margin=0.125)
 
 
 # ----------------------------------------------------------------------------- training
