@@ -24,12 +24,16 @@ from cxr_lib.contrastive import (
     KnnSettings,
     MocoRecipe,
     MomentumQueue,
+    NeighbourShare,
+    gathering_sentence,
+    gathering_table,
     key_similarity,
     knn_auc,
     knn_scores,
     knn_sentence,
     moco_augment,
     moco_config,
+    neighbour_share,
     pretrain_moco,
     save_backbone,
     similarity_sentence,
@@ -258,6 +262,50 @@ def test_similarity_sentence_names_a_collapse_by_the_stated_rule():
     assert "collapsed" in similarity_sentence(random_queue, at_margin, 4.0, 4.86, margin=0.25)
     assert "collapsed" not in similarity_sentence(random_queue, at_margin, 4.0, 4.86,
                                                   margin=0.125)
+
+
+def test_neighbour_share_against_chance_on_a_hand_case():
+    feats = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [5.0, 5.0]])
+    labels = np.array([1.0, 1.0, 0.0, 0.0, np.nan])  # the last image's label is unknown
+    r = neighbour_share(feats, labels, k=1, shuffles=3000)
+    assert (r.images, r.share, r.chance) == (2, 1.0, pytest.approx(1 / 3))
+    # 2 of the 6 placements of two positives among 4 pair them up: p near 1/3
+    assert r.p_value == pytest.approx(1 / 3, abs=0.03)
+    lone = neighbour_share(feats, np.array([1.0, 0.0, 0.0, 0.0, 0.0]), k=1)
+    assert lone.images == 1 and math.isnan(lone.share) and math.isnan(lone.p_value)
+
+
+def test_neighbour_share_finds_a_planted_group_and_not_noise():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(100, 8))
+    labels = np.zeros(100)
+    labels[:20] = 1
+    planted = feats.copy()
+    planted[:20] += 10 * np.eye(8)[0]  # the 20 positives share a direction
+    found = neighbour_share(planted, labels, k=5)
+    assert found.share == 1.0 and found.chance == pytest.approx(19 / 99)
+    assert found.p_value == pytest.approx(1 / 1001)  # no relabelling gathers as well
+    noise = [neighbour_share(rng.normal(size=(100, 8)), labels, k=5, shuffles=200, seed=i)
+             for i in range(20)]  # 20 feature spaces that know nothing of the labels
+    assert abs(np.mean([r.share - r.chance for r in noise])) < 0.03
+    p_values = [r.p_value for r in noise]
+    assert sum(p < 0.05 for p in p_values) <= 3 and 0.3 < np.mean(p_values) < 0.7
+
+
+def test_gathering_table_adjusts_p_by_holm_and_the_sentence_reads_it():
+    results = {"A": NeighbourShare(10, 0.5, 0.1, 0.001), "B": NeighbourShare(8, 0.2, 0.1, 0.04),
+               "C": NeighbourShare(9, 0.12, 0.1, 0.5),
+               "D": NeighbourShare(1, math.nan, math.nan, math.nan)}
+    table = gathering_table(results)
+    assert list(table.index) == ["A", "B", "C", "D"]
+    assert table["p (Holm)"].iloc[:3].tolist() == pytest.approx([0.003, 0.08, 0.5])
+    text = gathering_sentence(table, k=20)
+    assert "is 12% to 50% over the 3 panels measured, against 10% if" in text
+    assert "In 1 of them (A) it is higher than random relabellings make it" in text
+    assert "a test at the 5% level with Holm's correction" in text
+    assert "1 panel(s) had too few images" in text
+    assert "In no panel" in gathering_sentence(table.loc[["B", "C"]], k=20)
+    assert "Too few" in gathering_sentence(table.loc[["D"]], k=20)
 
 
 # ----------------------------------------------------------------------------- training
