@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +164,56 @@ def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class HeldoutErrors:
+    """Mean squared error over the masked patches of held-out images, in the loss's units.
+
+    `model`: the model's painting; `model_flat`: the same with each painted patch flattened to
+    its own mean, which tells the patches' brightness from the detail painted inside them.
+    Two fills that have learnt nothing about images: `mean_fill` paints every hidden patch at
+    the target's mean, 0 (the training images' mean brightness; with `norm_pix_loss`, each
+    patch's own mean), `visible_fill` at the mean of the image's visible patches. `contrast`:
+    the spread (standard deviation) of the painted patches' mean brightness over that of the
+    true patches; NaN with `norm_pix_loss`, whose target has no patch brightness.
+    """
+
+    model: float
+    model_flat: float
+    mean_fill: float
+    visible_fill: float
+    contrast: float
+
+
+def heldout_errors(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
+                   batch_size: int = 128) -> HeldoutErrors:
+    """`HeldoutErrors` on cache `rows` (plain views) at the model's mask ratio, the masks drawn
+    from `seed`: the same images with the same masks for every model of the same patch layout.
+    """
+    mae, plain = pretrained.mae, pretrained.augment.plain
+    device = next(mae.parameters()).device
+    sums, hidden, painted, true = torch.zeros(4, dtype=torch.float64), 0.0, [], []
+    with torch.no_grad(), eval_mode(mae):
+        for i in range(0, len(rows), batch_size):
+            x = plain(torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
+                      .to(device))  # [B, C, s, s]
+            torch.manual_seed(seed + i)  # the same masks for every model
+            _, pred, mask = mae(x)  # [B, L, P], [B, L] with 1 = masked
+            target = mae.loss_target(x)  # [B, L, P]
+            seen = (1 - mask)[..., None]  # [B, L, 1]
+            visible_mean = (target * seen).sum((1, 2)) / (seen.sum((1, 2)) * target.shape[-1])
+            fills = (pred, pred.mean(dim=-1, keepdim=True).expand_as(pred),
+                     torch.zeros_like(target), visible_mean[:, None, None].expand_as(target))
+            for k, fill in enumerate(fills):
+                per_patch = ((fill - target) ** 2).mean(dim=-1)  # [B, L]
+                sums[k] += float((per_patch * mask).sum())
+            hidden += float(mask.sum())
+            painted.append(pred.mean(dim=-1)[mask.bool()])  # [masked patches]
+            true.append(target.mean(dim=-1)[mask.bool()])
+    contrast = (math.nan if mae.config.norm_pix_loss else
+                float(torch.cat(painted).std() / torch.cat(true).std()))
+    return HeldoutErrors(*(sums / hidden).tolist(), contrast)
+
+
 def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
                  batch_size: int = 128) -> float:
     """Mean reconstruction loss on cache `rows` (plain views), the masks drawn from `seed`.
@@ -170,13 +222,58 @@ def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, s
     same images with the same masks (for models with the same patch layout). With
     `norm_pix_loss` it does not depend on the runs' normalisation either.
     """
-    mae, plain = pretrained.mae, pretrained.augment.plain
-    device = next(mae.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad(), eval_mode(mae):
-        for i in range(0, len(rows), batch_size):
-            x = torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
-            torch.manual_seed(seed + i)  # the same masks for every model
-            loss, _, _ = mae(plain(x.to(device)))
-            total, count = total + float(loss) * len(x), count + len(x)
-    return total / count
+    return heldout_errors(pretrained, cache, rows, seed=seed, batch_size=batch_size).model
+
+
+def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1) -> str:
+    """What `heldout_errors` of one model per mask ratio say about the pictures: the ratios
+    where the model's error is more than `margin` (a share) below the better of the two
+    fills, and those where flattening its painted patches to their own mean lowers the error,
+    i.e. the detail it paints inside a patch is worse than none."""
+    if not errors:
+        raise ValueError("painting_sentence: no errors")
+    beat = [r for r, e in errors.items()
+            if e.model < (1 - margin) * min(e.mean_fill, e.visible_fill)]
+    flat = [r for r, e in errors.items() if e.model_flat < e.model]
+    text = (f"On these validation images the models' error on the hidden patches is "
+            f"{_span([e.model for e in errors.values()])}, against "
+            f"{_span([min(e.mean_fill, e.visible_fill) for e in errors.values()])} for the "
+            "better of the two fills.")
+    if beat:
+        where = "the models have" if len(beat) == len(errors) else "there the models have"
+        text += (f" At {_ratios(beat, len(errors))} the model's error is more than {margin:.0%} "
+                 f"below the better fill: {where} learnt something of where brightness goes in "
+                 "these images")
+        contrast = [errors[r].contrast for r in beat]
+        text += (f"; they paint it at {_span(contrast, '.0%')} of its true contrast (the spread "
+                 "of the hidden patches' mean brightness)." if np.isfinite(contrast).all() else ".")
+    else:
+        above = sum(e.model >= min(e.mean_fill, e.visible_fill) for e in errors.values())
+        worse = ""
+        if above:
+            worse = (" (at every one it is at or above it)" if above == len(errors) else
+                     f" (at {above} of the {len(errors)} it is at or above it)")
+        text += (f" At no mask ratio is the model's error more than {margin:.0%} below the better "
+                 f"fill{worse}: the pictures show no structure the models have learnt.")
+    if flat:
+        flattened = _span([errors[r].model_flat for r in flat])
+        text += (f" Flattening each painted patch to its own mean brightness lowers the error at "
+                 f"{_ratios(flat, len(errors))} (to {flattened}): the detail painted inside "
+                 "the patches, the speckle in the pictures, is worse than none.")
+    else:
+        text += (" Flattening each painted patch to its own mean brightness would raise the error "
+                 "at every ratio: the detail painted inside the patches is learnt too.")
+    return text
+
+
+def _span(values: list[float], spec: str = ".2f") -> str:
+    """A range of values in format `spec`, one number when both ends round alike."""
+    lo, hi = f"{min(values):{spec}}", f"{max(values):{spec}}"
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _ratios(ratios: list[float], of: int) -> str:
+    """Mask ratios as the prose names them: all `of` of them, or each as a percentage."""
+    if len(ratios) == of:
+        return "every mask ratio"
+    return f"mask ratio{'s' if len(ratios) > 1 else ''} " + ", ".join(f"{r:.0%}" for r in ratios)
