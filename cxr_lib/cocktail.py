@@ -31,7 +31,8 @@ from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.evaluate import paired_comparison
 from cxr_lib.finetune import FinetuneRecipe
-from cxr_lib.pretrain import HeldoutLoss
+from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
+from cxr_lib.pretrain import HeldoutErrors
 from cxr_lib.train import TrainConfig
 
 LOWRES = "phantom-lowres"
@@ -131,18 +132,32 @@ def mix_stats(cache: Cache, weights: Mapping[str, float], split: str = "train",
 MEDTRANSFORMER_MASK_RATIO = 0.6
 
 
+# MedTransformer's scripts use torch's Adam as it comes: betas (0.9, 0.999), not the (0.9, 0.95)
+# of MAE's AdamW that TrainConfig defaults to.
+_ADAM_BETAS = (0.9, 0.999)
+
+
 def medtransformer_pretrain_config(**changes) -> TrainConfig:
     """MedTransformer's MAE optimiser and schedule; `changes` override (e.g. epochs)."""
     base = TrainConfig(batch_size=64, base_lr=1e-4 * 256 / 64, optimizer="adam",
-                       schedule="one_cycle", weight_decay=0.0)
+                       betas=_ADAM_BETAS, schedule="one_cycle", weight_decay=0.0)
     return dataclasses.replace(base, **changes)
 
 
 def medtransformer_finetune_config(**changes) -> TrainConfig:
     """MedTransformer's fine-tuning optimiser and schedule; `changes` override."""
     base = TrainConfig(epochs=10, batch_size=64, base_lr=1e-4 * 256 / 64, optimizer="adam",
-                       schedule="one_cycle", weight_decay=1e-8, keep_best="valid_auc")
+                       betas=_ADAM_BETAS, schedule="one_cycle", weight_decay=1e-8,
+                       keep_best="valid_auc")
     return dataclasses.replace(base, **changes)
+
+
+def medtransformer_start(model: str) -> Path:
+    """The local weights MedTransformer's MAE continues from, or WeightsUnavailable: for a
+    Hiera its ImageNet MAE pre-training alone (facebookresearch/hiera's `mae_in1k`, timm's tag
+    `mae`), decoder side included where the file has it, not the classifier timm fine-tuned
+    from it on ImageNet's labels; for a ViT, timm's default ImageNet weights."""
+    return imagenet_weights(model, tag="mae" if timm_name(model) in HIERAS else None)
 
 
 def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:
@@ -204,13 +219,13 @@ def _names(labels: Sequence[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
 
 
-def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutLoss],
+def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutErrors],
                      aucs: Sequence[float], apart: Callable[[str, str], bool]) -> str:
     """Does the encoder that paints held-out images best give the best classifier?
 
     `heldout` are the encoders' losses on the same images and masks, `aucs` their fine-tuned
     AUCs, aligned with `labels`. The answer is withheld where it would claim more than the runs
-    show: when no encoder paints better than the zero prediction of `HeldoutLoss` (it has
+    show: when no encoder paints better than the blank prediction (`HeldoutErrors.mean_fill`: it has
     learnt nothing to compare), and when the best painter's losses cannot be told apart from
     another's image by image (`told_apart`). AUCs count as a tie unless `apart(label, label)`
     (`auc_separation`).
@@ -218,13 +233,14 @@ def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutLoss],
     if not len(labels) == len(heldout) == len(aucs) or not len(labels):
         raise ValueError("painter_sentence: labels, heldout and aucs must be non-empty and "
                          "aligned")
-    best = min(range(len(labels)), key=lambda i: heldout[i].loss)
-    losses = "; ".join(f"{label}: {h.loss:.4f}" for label, h in zip(labels, heldout, strict=True))
-    blank = heldout[best].baseline
-    learnt = [h.loss < h.baseline and told_apart(h.baseline_per_image, h.per_image)
+    loss = [h.mean("model") for h in heldout]
+    best = min(range(len(labels)), key=lambda i: loss[i])
+    losses = "; ".join(f"{label}: {v:.4f}" for label, v in zip(labels, loss, strict=True))
+    blank = heldout[best].mean("mean_fill")
+    learnt = [h.mean("model") < h.mean("mean_fill") and told_apart(h.mean_fill, h.model)
               for h in heldout]
     if not learnt[best]:
-        short = ("are not below" if heldout[best].loss >= blank else
+        short = ("are not below" if loss[best] >= blank else
                  "are below it by less than twice the standard error of the per-image "
                  "difference, not clearly below")
         return (f"no encoder painted the held-out chest images better than the blank "
@@ -235,7 +251,7 @@ def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutLoss],
     losses += f"; blank prediction: {blank:.4f}" + (
         f", which {_names(failed)} did not beat" if failed else "")
     tied = [labels[i] for i in range(len(labels))
-            if i != best and not told_apart(heldout[best].per_image, heldout[i].per_image)]
+            if i != best and not told_apart(heldout[best].model, heldout[i].model)]
     if tied:
         return (f"the held-out losses cannot tell {_names([labels[best], *tied])} apart "
                 f"({losses}): they differ by less than twice the standard error of their "

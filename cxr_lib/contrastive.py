@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
@@ -31,6 +32,7 @@ from cxr_lib.augment import split_stats
 from cxr_lib.augment_views import MocoAugment
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.evaluate import holm_adjust
 from cxr_lib.models.moco import MoCo, build_moco, gather_keys
 from cxr_lib.pretrain import cache_identity
 from cxr_lib.probe import extract_features
@@ -300,3 +302,147 @@ def knn_sentence(results: Mapping[str, tuple[float, float]], epochs: int) -> str
         text += (f" {top} ended highest, {best - second:.3f} above the next." if best > second
                  else " They ended level.")
     return text
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+COLLAPSE_MARGIN = 0.1  # the queue's keys this close to the positives, on average: collapsed
+
+
+@dataclass(frozen=True)
+class KeySimilarity:
+    """Mean cosine similarity of queries to their own image's key (the positive), to the keys of
+    the other images of the batch and to keys from the queue."""
+
+    positive: float
+    other: float
+    queue: float
+
+
+def key_similarity(sims: np.ndarray) -> KeySimilarity:
+    """The means of a similarity matrix [n, n + m]: n queries (rows) against the keys of the
+    other view of the same n images (first n columns, positives on the diagonal), then m keys
+    from the queue."""
+    n = len(sims)
+    if sims.ndim != 2 or n < 2 or sims.shape[1] <= n:
+        raise ValueError(f"key_similarity: expected [n, n + m] with n >= 2 and m >= 1, got "
+                         f"{sims.shape}")
+    batch = sims[:, :n]  # [n, n]
+    return KeySimilarity(float(np.diag(batch).mean()),
+                         float(batch[~np.eye(n, dtype=bool)].mean()), float(sims[:, n:].mean()))
+
+
+def similarity_sentence(before: KeySimilarity, after: KeySimilarity, final_loss: float,
+                        chance_loss: float, margin: float = COLLAPSE_MARGIN) -> str:
+    """The similarities before and after pre-training and a verdict on the trained network:
+    collapsed when the queue's keys come within `margin` of the positives on average; telling
+    its own key from the others when both the queue's and the other images' keys stay further
+    off. Before pre-training the queue holds random vectors, so there only the other images'
+    keys say how alike the network maps different images."""
+    text = (f"After pre-training, a query's mean cosine similarity is {after.positive:.2f} to "
+            f"its own image's key, {after.other:.2f} to the keys of the other images and "
+            f"{after.queue:.2f} to the queue's keys; before, {before.positive:.2f}, "
+            f"{before.other:.2f} and {before.queue:.2f}, the last against the random vectors "
+            "the queue starts with.")
+    collapsed = after.queue >= after.positive - margin
+    if collapsed:
+        text += (f" The queue's keys are within {margin:g} of the positives: the embeddings have "
+                 "collapsed, every key about as similar to a query as its own, so the candidates "
+                 "get about the same probability and the loss stays near chance (final loss "
+                 f"{final_loss:.2f}, chance {chance_loss:.2f}).")
+    elif after.other >= after.positive - margin:
+        text += (f" The positives stand out from the queue's keys by "
+                 f"{after.positive - after.queue:.2f}, but the other images' keys are within "
+                 f"{margin:g} of the positives: the network does not yet tell an image's own "
+                 "key from those of the images beside it in the batch.")
+    else:
+        text += (f" The positives stand out from the queue's keys by "
+                 f"{after.positive - after.queue:.2f} and from the other images' keys by "
+                 f"{after.positive - after.other:.2f}, more than the {margin:g} of a collapse: "
+                 "the network tells an image's own key from the others.")
+    if before.other < before.positive - margin:
+        return text + (" Before pre-training, the positives stood out from the other images' "
+                       f"keys by {before.positive - before.other:.2f}.")
+    text += (" The untrained network already mapped different images almost alike (their keys "
+             f"at {before.other:.2f})")
+    return text + (": the collapse was there before pre-training, which has not undone it."
+                   if collapsed else ".")
+
+
+@dataclass(frozen=True)
+class NeighbourShare:
+    """How far the images with one finding gather among each other's nearest neighbours."""
+
+    images: int  # images with the finding, among those whose label for it is known
+    share: float  # mean share of their k nearest neighbours that have the finding too
+    chance: float  # the expected share if the images were placed at random
+    p_value: float  # the share of random relabellings that gather as much or more
+
+
+def neighbour_share(feats: np.ndarray, labels: np.ndarray, k: int, *, shuffles: int = 1000,
+                    seed: int = 0) -> NeighbourShare:
+    """Do the images with a finding (labels [N]: 1, 0 or NaN for unknown) lie near each other
+    in the feature space [N, D]? Neighbours by cosine similarity, an image not its own; chance
+    is (images - 1) / (known - 1); the p-value counts the random relabellings (one-sided, the
+    observed labelling among them). NaN where fewer than two images, or all, have the finding."""
+    known = ~np.isnan(labels)
+    y = labels[known] == 1  # [n]
+    n, pos = len(y), int(y.sum())
+    if pos < 2 or pos == n:
+        return NeighbourShare(pos, math.nan, math.nan, math.nan)
+    k = min(k, n - 1)
+    x = feats[known] / np.linalg.norm(feats[known], axis=1, keepdims=True).clip(1e-12)  # [n, D]
+    sims = x @ x.T  # [n, n]
+    np.fill_diagonal(sims, -np.inf)
+    nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # [n, k]
+    rng = np.random.default_rng(seed)
+    ys = np.stack([y, *(rng.permutation(y) for _ in range(shuffles))])  # [1 + S, n]
+    shares = (ys[:, nearest].mean(axis=2) * ys).sum(axis=1) / pos  # [1 + S]
+    p = (1 + (shares[1:] >= shares[0]).sum()) / (1 + shuffles)
+    return NeighbourShare(pos, float(shares[0]), (pos - 1) / (n - 1), float(p))
+
+
+def gathering_table(results: Mapping[str, NeighbourShare]) -> pd.DataFrame:
+    """One row a panel (`results` maps its name to its `neighbour_share`), with the p-values
+    Holm-adjusted over the panels that could be measured."""
+    table = pd.DataFrame([dataclasses.astuple(r) for r in results.values()],
+                         index=pd.Index(list(results), name="panel"),
+                         columns=["images", "neighbour share", "chance", "p"])
+    table["p (Holm)"] = holm_adjust(table["p"].to_numpy())
+    return table
+
+
+def gathering_sentence(table: pd.DataFrame, k: int, level: float = 0.05) -> str:
+    """What `gathering_table` says, in plain words: the range of the neighbour shares against
+    chance, and the panels whose images gather more than random relabellings (Holm-adjusted p
+    below `level`)."""
+    measured = table.dropna(subset=["neighbour share"])
+    if measured.empty:
+        return ("Too few validation images carry these findings to measure whether they "
+                "gather.")
+    lo, hi = measured["neighbour share"].min(), measured["neighbour share"].max()
+    c_lo, c_hi = measured["chance"].min(), measured["chance"].max()
+    text = (f"Among the {k} nearest neighbours of a validation image with a finding (cosine "
+            f"similarity of the backbone features), the share that has the finding too is "
+            f"{_span(lo, hi)} over the {len(measured)} panels measured, against "
+            f"{_span(c_lo, c_hi)} if the images were placed at random.")
+    gathered = list(measured.index[measured["p (Holm)"] < level])
+    test = f"by a test at the {level:.0%} level with Holm's correction over the panels"
+    if not gathered:
+        text += (" In no panel is that share higher than random relabellings of the images make "
+                 f"it, {test}: the features show no grouping by these findings that chance "
+                 "would not explain.")
+    else:
+        text += (f" In {len(gathered)} of them ({'; '.join(gathered)}) it is higher than random "
+                 f"relabellings make it, {test}: there the features have begun to group the "
+                 "images with the finding, though a grouping need not show as a cluster in a "
+                 "t-SNE map.")
+    if len(measured) < len(table):
+        text += (f" {len(table) - len(measured)} panel(s) had too few images with the finding "
+                 "to measure.")
+    return text
+
+
+def _span(lo: float, hi: float) -> str:
+    """A range of shares in whole percent, one number when both ends round alike."""
+    return f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%} to {hi:.0%}"

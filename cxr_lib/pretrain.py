@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,27 +165,31 @@ def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
-class HeldoutLoss:
-    """Per-image reconstruction losses [N] of an encoder on held-out images, and of a zero
-    prediction under the same masks and target (`baseline`).
+class HeldoutErrors:
+    """Per-image mean squared errors [N] over the hidden patches of held-out images, in the
+    loss's units: the model's painting and fills that show what it adds.
 
-    With `norm_pix_loss` the target is each patch normalised by its own mean and spread, so the
-    zero prediction paints every hidden patch a flat grey at its own mean: it scores
-    (n - 1) / n for a patch of n pixels that is not flat, a little under 1. Without it, zero is
-    the normalisation mean, the mix's average pixel. An encoder that does not beat this has not
-    learnt to paint.
+    `model`: the model's painting; `model_flat`: the same with each painted patch flattened to
+    its own mean, which tells the patches' brightness from the detail painted inside them.
+    Two fills that have learnt nothing about images: `mean_fill` paints every hidden patch at
+    the target's mean, 0 (the training images' mean brightness; with `norm_pix_loss`, whose
+    target is each patch normalised by its own mean and spread, each patch's own mean, which
+    scores (n - 1) / n on a patch of n pixels that is not flat, a little under 1),
+    `visible_fill` at the mean of the image's visible patches. `contrast`: the spread (standard
+    deviation) of the painted patches' mean brightness over that of the true patches; NaN with
+    `norm_pix_loss`, whose target has no patch brightness. Every image hides as many patches as
+    any other, so the mean over images is the error over all of them.
     """
 
-    per_image: np.ndarray  # [N]
-    baseline_per_image: np.ndarray  # [N]
+    model: np.ndarray
+    model_flat: np.ndarray
+    mean_fill: np.ndarray
+    visible_fill: np.ndarray
+    contrast: float
 
-    @property
-    def loss(self) -> float:
-        return float(self.per_image.mean())
-
-    @property
-    def baseline(self) -> float:
-        return float(self.baseline_per_image.mean())
+    def mean(self, name: str) -> float:
+        """The error over all the images, of the field `name` (e.g. "model")."""
+        return float(np.mean(getattr(self, name)))
 
 
 def _masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -191,26 +197,96 @@ def _masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_patch * mask).sum(dim=1) / mask.sum(dim=1)
 
 
-def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
-                 batch_size: int = 128) -> HeldoutLoss:
-    """Reconstruction losses on cache `rows` (plain views), the masks drawn from `seed`.
+def heldout_errors(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
+                   batch_size: int = 128) -> HeldoutErrors:
+    """`HeldoutErrors` on cache `rows` (plain views) at the model's mask ratio, the masks drawn
+    from `seed`: the same images with the same masks for every model of the same patch layout.
 
-    Unlike the training loss, they are comparable across runs trained on different mixes: the
-    same images with the same masks (for models with the same patch layout), image by image.
-    With `norm_pix_loss` they do not depend on the runs' normalisation either. Every image hides
-    as many patches as any other, so the mean over images is the model's loss on them all.
+    Unlike the training loss, they are comparable across runs trained on different mixes,
+    image by image; with `norm_pix_loss` they do not depend on the runs' normalisation either.
     """
     mae, plain = pretrained.mae, pretrained.augment.plain
     device = next(mae.parameters()).device
-    losses, baselines = [], []
+    errors, painted, true = [[], [], [], []], [], []
     with torch.no_grad(), eval_mode(mae):
         for i in range(0, len(rows), batch_size):
-            x = torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
-            x = plain(x.to(device))
+            x = plain(torch.from_numpy(np.asarray(cache.images[rows[i:i + batch_size]]))[:, None]
+                      .to(device))  # [B, C, s, s]
             torch.manual_seed(seed + i)  # the same masks for every model
-            _, pred, mask = mae(x)  # [B, L, p*p*C], [B, L]
-            target = mae.loss_target(x)  # [B, L, p*p*C]
-            losses.append(_masked_mean(((pred - target) ** 2).mean(dim=-1), mask))
-            baselines.append(_masked_mean((target ** 2).mean(dim=-1), mask))
-    return HeldoutLoss(torch.cat(losses).float().cpu().numpy(),
-                       torch.cat(baselines).float().cpu().numpy())
+            _, pred, mask = mae(x)  # [B, L, P], [B, L] with 1 = masked
+            target = mae.loss_target(x)  # [B, L, P]
+            seen = (1 - mask)[..., None]  # [B, L, 1]
+            visible_mean = (target * seen).sum((1, 2)) / (seen.sum((1, 2)) * target.shape[-1])
+            fills = (pred, pred.mean(dim=-1, keepdim=True).expand_as(pred),
+                     torch.zeros_like(target), visible_mean[:, None, None].expand_as(target))
+            for kept, fill in zip(errors, fills, strict=True):
+                kept.append(_masked_mean(((fill - target) ** 2).mean(dim=-1), mask))  # [B]
+            painted.append(pred.mean(dim=-1)[mask.bool()])  # [masked patches]
+            true.append(target.mean(dim=-1)[mask.bool()])
+    contrast = (math.nan if mae.config.norm_pix_loss else
+                float(torch.cat(painted).std() / torch.cat(true).std()))
+    return HeldoutErrors(*(torch.cat(e).double().cpu().numpy() for e in errors), contrast)
+
+
+def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, seed: int = 0,
+                 batch_size: int = 128) -> float:
+    """The model's mean reconstruction loss on cache `rows` (`heldout_errors`' `model`)."""
+    return heldout_errors(pretrained, cache, rows, seed=seed, batch_size=batch_size).mean("model")
+
+
+def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1) -> str:
+    """What `heldout_errors` of one model per mask ratio say about the pictures: the ratios
+    where the model's error is more than `margin` (a share) below the better of the two
+    fills, and those where flattening its painted patches to their own mean lowers the error,
+    i.e. the detail it paints inside a patch is worse than none."""
+    if not errors:
+        raise ValueError("painting_sentence: no errors")
+    beat = [r for r, e in errors.items()
+            if e.mean("model") < (1 - margin) * _best_fill(e)]
+    flat = [r for r, e in errors.items() if e.mean("model_flat") < e.mean("model")]
+    text = (f"On these validation images the models' error on the hidden patches is "
+            f"{_span([e.mean('model') for e in errors.values()])}, against "
+            f"{_span([_best_fill(e) for e in errors.values()])} for the "
+            "better of the two fills.")
+    if beat:
+        where = "the models have" if len(beat) == len(errors) else "there the models have"
+        text += (f" At {_ratios(beat, len(errors))} the model's error is more than {margin:.0%} "
+                 f"below the better fill: {where} learnt something of where brightness goes in "
+                 "these images")
+        contrast = [errors[r].contrast for r in beat]
+        text += (f"; they paint it at {_span(contrast, '.0%')} of its true contrast (the spread "
+                 "of the hidden patches' mean brightness)." if np.isfinite(contrast).all() else ".")
+    else:
+        above = sum(e.mean("model") >= _best_fill(e) for e in errors.values())
+        worse = ""
+        if above:
+            worse = (" (at every one it is at or above it)" if above == len(errors) else
+                     f" (at {above} of the {len(errors)} it is at or above it)")
+        text += (f" At no mask ratio is the model's error more than {margin:.0%} below the better "
+                 f"fill{worse}: the pictures show no structure the models have learnt.")
+    if flat:
+        flattened = _span([errors[r].mean("model_flat") for r in flat])
+        text += (f" Flattening each painted patch to its own mean brightness lowers the error at "
+                 f"{_ratios(flat, len(errors))} (to {flattened}): the detail painted inside "
+                 "the patches, the speckle in the pictures, is worse than none.")
+    else:
+        text += (" Flattening each painted patch to its own mean brightness would raise the error "
+                 "at every ratio: the detail painted inside the patches is learnt too.")
+    return text
+
+
+def _span(values: list[float], spec: str = ".2f") -> str:
+    """A range of values in format `spec`, one number when both ends round alike."""
+    lo, hi = f"{min(values):{spec}}", f"{max(values):{spec}}"
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _ratios(ratios: list[float], of: int) -> str:
+    """Mask ratios as the prose names them: all `of` of them, or each as a percentage."""
+    if len(ratios) == of:
+        return "every mask ratio"
+    return f"mask ratio{'s' if len(ratios) > 1 else ''} " + ", ".join(f"{r:.0%}" for r in ratios)
+
+
+def _best_fill(errors: HeldoutErrors) -> float:
+    return min(errors.mean("mean_fill"), errors.mean("visible_fill"))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from cxr_lib import cocktail
 from cxr_lib.augment import pixel_stats, random_rotate
 from cxr_lib.cocktail import (
     auc_separation,
@@ -15,6 +18,7 @@ from cxr_lib.cocktail import (
     medtransformer_finetune_config,
     medtransformer_finetune_recipe,
     medtransformer_pretrain_config,
+    medtransformer_start,
     mix_stats,
     painter_sentence,
     paired_gap,
@@ -28,7 +32,7 @@ from cxr_lib.data.core import FINDINGS, XrayDataset, merge
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import FinetuneRecipe, finetune_augment
-from cxr_lib.pretrain import HeldoutLoss
+from cxr_lib.pretrain import HeldoutErrors
 
 SIZE = 8
 # Source "dark" images are all 40, "bright" all 200 with a 20-px checker; sizes differ 4:1.
@@ -138,6 +142,15 @@ def test_rotation_turns_each_image_within_the_range():
     assert torch.equal(random_rotate(x, 0.0, fill=0), x)
 
 
+def test_the_mae_continues_hieras_imagenet_mae_not_its_fine_tuned_classifier(monkeypatch):
+    asked = []
+    monkeypatch.setattr(cocktail, "imagenet_weights",
+                        lambda model, tag=None: asked.append((model, tag)) or Path("w.pt"))
+    assert medtransformer_start("hiera_tiny") == Path("w.pt")
+    medtransformer_start("vit_tiny_patch16")
+    assert asked == [("hiera_tiny", "mae"), ("vit_tiny_patch16", None)]
+
+
 def test_presets_are_medtransformers_recipes():
     pre = medtransformer_pretrain_config(epochs=3)
     assert (pre.optimizer, pre.schedule, pre.batch_size, pre.epochs) == ("adam", "one_cycle",
@@ -146,6 +159,7 @@ def test_presets_are_medtransformers_recipes():
     fine = medtransformer_finetune_config()
     assert (fine.epochs, fine.batch_size, fine.weight_decay) == (10, 64, 1e-8)
     assert fine.lr == pytest.approx(1e-4) and fine.optimizer == "adam"
+    assert pre.betas == fine.betas == (0.9, 0.999)  # torch's Adam as it comes
     recipe = medtransformer_finetune_recipe(init="mae", weights="enc.pt")
     assert (recipe.rotation, recipe.randaug_magnitude, recipe.layer_decay) == (30.0, None, None)
 
@@ -192,10 +206,15 @@ NOISE = np.random.default_rng(0).normal(0, 0.05, 100)  # [100] per-image spread
 BLANK = np.full(100, 0.98)  # [100] the zero prediction's loss, image by image
 
 
-def heldout(loss: float, jitter: float = 0.0) -> HeldoutLoss:
+def errors(model: np.ndarray) -> HeldoutErrors:
+    """The model's per-image losses beside the blank prediction's (the other fields unused)."""
+    return HeldoutErrors(model, model, BLANK, BLANK, float("nan"))
+
+
+def heldout(loss: float, jitter: float = 0.0) -> HeldoutErrors:
     """Per-image losses around `loss`; `jitter` adds noise of its own to each image."""
     own = np.random.default_rng(int(loss * 1e4)).normal(0, jitter, 100)
-    return HeldoutLoss(loss + NOISE + own - (NOISE + own).mean(), BLANK)
+    return errors(loss + NOISE + own - (NOISE + own).mean())
 
 
 def test_paired_gap_is_the_mean_difference_and_its_standard_error():
@@ -206,7 +225,7 @@ def test_paired_gap_is_the_mean_difference_and_its_standard_error():
     # the spread the images share cancels: a steady gap of 0.01 is told apart...
     assert told_apart(1 + NOISE, 1.01 + NOISE)
     # ...one buried in each image's own noise is not
-    assert not told_apart(heldout(1.0, 0.05).per_image, heldout(1.001, 0.05).per_image)
+    assert not told_apart(heldout(1.0, 0.05).model, heldout(1.001, 0.05).model)
 
 
 def gap_at_least(aucs: dict, tie: float):
@@ -262,7 +281,7 @@ def test_painters_that_do_not_beat_the_blank_baseline_say_nothing():
     assert "(chest share 100%: 1.0798; chest share 50%: 1.0792) are not below its 0.9800" in said
     assert "says nothing" in said and "best classifier" not in said
     # below the blank prediction, but within the noise of the images
-    close = HeldoutLoss(0.978 + heldout(0, 0.05).per_image, BLANK)
+    close = errors(0.978 + heldout(0, 0.05).model)
     said = painter_sentence(["A", "B"], [close, heldout(1.0)], [0.7, 0.6], lambda a, b: True)
     assert "not clearly below its 0.9800" in said and "says nothing" in said
 

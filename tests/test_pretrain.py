@@ -1,6 +1,7 @@
 """MAE pre-training on a cache through the engine: runs, reuse, the probe and the saved encoder."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -11,11 +12,14 @@ from cxr_lib.augment import pixel_stats, split_stats
 from cxr_lib.cli import main
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.pretrain import (
+    HeldoutErrors,
     MaeRecipe,
     PretrainedMae,
     cache_identity,
+    heldout_errors,
     heldout_loss,
     mae_augment,
+    painting_sentence,
     pretrain_mae,
     probe_encoder,
     save_encoder,
@@ -114,32 +118,94 @@ def test_heldout_loss_uses_the_same_masks_for_every_model(cache):
     assert type(pre.mae).__name__ == "HieraMae" and pre.mae.mask_ratio == 0.6
     rows = cache.split_indices("val")
     first = heldout_loss(pre, cache, rows, seed=3, batch_size=4)
-    assert first.per_image.shape == first.baseline_per_image.shape == (len(rows),)
-    again = heldout_loss(pre, cache, rows, seed=3, batch_size=4)
-    assert np.array_equal(again.per_image, first.per_image)  # masks repeat
-    assert heldout_loss(pre, cache, rows, seed=4, batch_size=4).loss != first.loss  # other masks
+    assert heldout_loss(pre, cache, rows, seed=3, batch_size=4) == first  # masks repeat
+    assert heldout_loss(pre, cache, rows, seed=4, batch_size=4) != first  # other masks
+    errors = heldout_errors(pre, cache, rows, seed=3, batch_size=4)
+    assert errors.model.shape == errors.mean_fill.shape == (len(rows),)  # image by image
+    assert errors.mean("model") == first and math.isnan(errors.contrast)  # norm_pix
     torch.manual_seed(1)
     other = dataclasses.replace(pre, mae=recipe.build())
-    assert heldout_loss(other, cache, rows, seed=3, batch_size=4).loss != first.loss
-    assert np.allclose(heldout_loss(other, cache, rows, seed=3, batch_size=4).baseline_per_image,
-                       first.baseline_per_image)  # the baseline is the masks', not the model's
+    assert heldout_loss(other, cache, rows, seed=3, batch_size=4) != first
+    assert np.allclose(heldout_errors(other, cache, rows, seed=3, batch_size=4).mean_fill,
+                       errors.mean_fill)  # the blank fill is the masks', not the model's
     assert pre.mae.training  # the model's mode is given back
 
-    whole = heldout_loss(pre, cache, rows, seed=3, batch_size=len(rows))
+    whole = heldout_errors(pre, cache, rows, seed=3, batch_size=len(rows))
     torch.manual_seed(3)
     x = pre.augment.plain(torch.from_numpy(np.asarray(cache.images[rows]))[:, None])
     pre.mae.eval()
     with torch.no_grad():
-        assert whole.loss == pytest.approx(float(pre.mae(x)[0]), rel=1e-5)  # the model's loss
+        assert whole.mean("model") == pytest.approx(float(pre.mae(x)[0]), rel=1e-5)  # its loss
     # norm_pix_loss: a blank prediction scores (n-1)/n on a patch of n pixels that is not flat
     n = pre.mae.patchify(x).shape[-1]
-    assert 0 < whole.baseline <= (n - 1) / n + 1e-6
+    assert 0 < whole.mean("mean_fill") <= (n - 1) / n + 1e-6
     with torch.no_grad():
         pre.mae.decoder_pred.weight.zero_()
         pre.mae.decoder_pred.bias.zero_()
-    blank = heldout_loss(pre, cache, rows, seed=3, batch_size=len(rows))
-    assert np.allclose(blank.per_image, blank.baseline_per_image)
-    assert blank.baseline == pytest.approx(whole.baseline)
+    blank = heldout_errors(pre, cache, rows, seed=3, batch_size=len(rows))
+    assert np.allclose(blank.model, blank.mean_fill)
+    assert blank.mean("mean_fill") == pytest.approx(whole.mean("mean_fill"))
+
+
+def test_heldout_errors_set_the_model_against_two_fills_on_the_same_masks(cache):
+    torch.manual_seed(0)
+    pre = PretrainedMae(RECIPE.build(), None, mae_augment(cache, RECIPE), RECIPE)
+    rows = cache.split_indices("val")
+    errors = heldout_errors(pre, cache, rows, seed=5, batch_size=64)
+    assert errors.mean("model") == heldout_loss(pre, cache, rows, seed=5, batch_size=64)
+    x = pre.augment.plain(torch.from_numpy(np.asarray(cache.images[rows]))[:, None])
+    with torch.no_grad():
+        torch.manual_seed(5)
+        _, pred, mask = pre.mae.eval()(x)  # the masks heldout_errors drew: [N, L]
+        target = pre.mae.loss_target(x).numpy()  # [N, L, P]
+    hidden = mask.numpy().astype(bool)
+    painted, true = pred.numpy().mean(-1)[hidden], target.mean(-1)[hidden]  # patch brightness
+    assert errors.contrast == pytest.approx(painted.std(ddof=1) / true.std(ddof=1), rel=1e-4)
+    assert errors.mean("mean_fill") == pytest.approx(np.mean(target[hidden] ** 2), rel=1e-5)
+    by_image = [np.mean((t[h] - t[~h].mean()) ** 2) for t, h in zip(target, hidden, strict=True)]
+    assert np.allclose(errors.visible_fill, by_image, rtol=1e-5)  # image by image
+    pre.mae.forward_decoder = lambda latent, ids: pre.mae.loss_target(x)  # paints the truth
+    truth = heldout_errors(pre, cache, rows, seed=5, batch_size=64)
+    assert truth.mean("model") == 0.0
+    # flattened, the truth keeps only each patch's mean: what is left is the detail inside it
+    flat = np.mean((target - target.mean(axis=-1, keepdims=True))[hidden] ** 2)
+    assert truth.mean("model_flat") == pytest.approx(flat, rel=1e-5) and flat > 0
+    assert truth.contrast == pytest.approx(1.0)
+
+
+def errs(model: float, model_flat: float, mean_fill: float, visible_fill: float,
+         contrast: float) -> HeldoutErrors:
+    """HeldoutErrors of one image: the sentence reads only the means."""
+    return HeldoutErrors(*(np.array([v]) for v in (model, model_flat, mean_fill, visible_fill)),
+                         contrast)
+
+
+def test_painting_sentence_applies_its_margin_and_the_flattening_test():
+    noisy = {0.25: errs(0.60, 0.57, 1.00, 0.91, 0.5),
+             0.9: errs(0.85, 0.80, 1.0, 0.93, 0.3)}
+    text = painting_sentence(noisy)
+    assert "error on the hidden patches is 0.60 to 0.85, against 0.91 to 0.93 for the" in text
+    # 0.85 is not 10% below 0.93 (0.837); 0.60 is below 0.819
+    assert "At mask ratio 25% the model's error is more than 10% below the better fill" in text
+    assert "lowers the error at every mask ratio (to 0.57 to 0.80)" in text
+    assert "25% the model's error is more than 10% below the better fill: there the" in text
+    assert "they paint it at 50% of its true contrast" in text
+    everywhere = painting_sentence(noisy, margin=0.05)
+    assert "At every mask ratio the model's error is more than 5% below the better fill: the " \
+        "models have learnt" in everywhere
+    assert "at 30% to 50% of its true contrast" in everywhere
+    no_contrast = {0.9: errs(0.5, 0.6, 1.0, 1.0, math.nan)}  # norm_pix_loss targets
+    assert "where brightness goes in these images. Flattening" in painting_sentence(no_contrast)
+    flat = painting_sentence({0.75: errs(0.95, 0.97, 1.0, 0.99, 0.1)})
+    assert "At no mask ratio is the model's error more than 10% below the better fill:" in flat
+    worse = painting_sentence({0.5: errs(1.2, 0.9, 1.0, 0.95, 0.1),
+                               0.9: errs(0.9, 0.9, 1.0, 0.95, 0.1)})
+    assert "better fill (at 1 of the 2 it is at or above it): the pictures show no" in worse
+    worst = painting_sentence({0.5: errs(1.2, 0.9, 1.0, 0.95, 0.1)})
+    assert "better fill (at every one it is at or above it): the pictures" in worst
+    assert "would raise the error at every ratio" in flat
+    with pytest.raises(ValueError, match="no errors"):
+        painting_sentence({})
 
 
 def test_pretraining_can_continue_from_a_weights_file(cache, tmp_path):
