@@ -33,6 +33,7 @@ from cxr_lib.evaluate import paired_comparison
 from cxr_lib.finetune import FinetuneRecipe
 from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
 from cxr_lib.pretrain import HeldoutErrors
+from cxr_lib.report import names
 from cxr_lib.train import TrainConfig
 
 LOWRES = "phantom-lowres"
@@ -215,10 +216,6 @@ def ranking_sentence(scores: Mapping[str, float], apart: Callable[[str, str], bo
             f"({order}), so this edition cannot rank them")
 
 
-def _names(labels: Sequence[str]) -> str:
-    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
-
-
 def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutErrors],
                      aucs: Sequence[float], apart: Callable[[str, str], bool]) -> str:
     """Does the encoder that paints held-out images best give the best classifier?
@@ -249,11 +246,11 @@ def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutErrors],
                 "whether a better painter makes a better classifier")
     failed = [labels[i] for i in range(len(labels)) if not learnt[i]]
     losses += f"; blank prediction: {blank:.4f}" + (
-        f", which {_names(failed)} did not beat" if failed else "")
+        f", which {names(failed)} did not beat" if failed else "")
     tied = [labels[i] for i in range(len(labels))
             if i != best and not told_apart(heldout[best].model, heldout[i].model)]
     if tied:
-        return (f"the held-out losses cannot tell {_names([labels[best], *tied])} apart "
+        return (f"the held-out losses cannot tell {names([labels[best], *tied])} apart "
                 f"({losses}): they differ by less than twice the standard error of their "
                 "per-image difference, so this edition cannot say which encoder painted best, "
                 "nor whether a better painter makes a better classifier")
@@ -269,6 +266,6 @@ def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutErrors],
     if len(level) == 1:
         return (f"{painted} also gave the best classifier among them, with a validation AUC of "
                 f"{auc}, clearly above the others")
-    others = _names([label for label in level if label != labels[best]])
+    others = names([label for label in level if label != labels[best]])
     return (f"{painted} gave a classifier (validation AUC {auc}) that cannot be told apart "
             f"from that of {others}")

@@ -36,6 +36,7 @@ from cxr_lib.evaluate import holm_adjust
 from cxr_lib.models.moco import MoCo, build_moco, gather_keys
 from cxr_lib.pretrain import cache_identity
 from cxr_lib.probe import extract_features
+from cxr_lib.report import span
 from cxr_lib.train import (
     EpochMetric,
     RunResult,
@@ -424,8 +425,8 @@ def gathering_sentence(table: pd.DataFrame, k: int, level: float = 0.05) -> str:
     c_lo, c_hi = measured["chance"].min(), measured["chance"].max()
     text = (f"Among the {k} nearest neighbours of a validation image with a finding (cosine "
             f"similarity of the backbone features), the share that has the finding too is "
-            f"{_span(lo, hi)} over the {len(measured)} panels measured, against "
-            f"{_span(c_lo, c_hi)} if the images were placed at random.")
+            f"{span([lo, hi], '.0%')} over the {len(measured)} panels measured, against "
+            f"{span([c_lo, c_hi], '.0%')} if the images were placed at random.")
     gathered = list(measured.index[measured["p (Holm)"] < level])
     test = f"by a test at the {level:.0%} level with Holm's correction over the panels"
     if not gathered:
@@ -442,7 +443,3 @@ def gathering_sentence(table: pd.DataFrame, k: int, level: float = 0.05) -> str:
                  "to measure.")
     return text
 
-
-def _span(lo: float, hi: float) -> str:
-    """A range of shares in whole percent, one number when both ends round alike."""
-    return f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%} to {hi:.0%}"

@@ -31,6 +31,7 @@ from cxr_lib.models.mae import (
     load_mae_checkpoint,
 )
 from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
+from cxr_lib.report import span
 from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
 
 
@@ -245,8 +246,8 @@ def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1
             if e.mean("model") < (1 - margin) * _best_fill(e)]
     flat = [r for r, e in errors.items() if e.mean("model_flat") < e.mean("model")]
     text = (f"On these validation images the models' error on the hidden patches is "
-            f"{_span([e.mean('model') for e in errors.values()])}, against "
-            f"{_span([_best_fill(e) for e in errors.values()])} for the "
+            f"{span([e.mean('model') for e in errors.values()])}, against "
+            f"{span([_best_fill(e) for e in errors.values()])} for the "
             "better of the two fills.")
     if beat:
         where = "the models have" if len(beat) == len(errors) else "there the models have"
@@ -254,7 +255,7 @@ def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1
                  f"below the better fill: {where} learnt something of where brightness goes in "
                  "these images")
         contrast = [errors[r].contrast for r in beat]
-        text += (f"; they paint it at {_span(contrast, '.0%')} of its true contrast (the spread "
+        text += (f"; they paint it at {span(contrast, '.0%')} of its true contrast (the spread "
                  "of the hidden patches' mean brightness)." if np.isfinite(contrast).all() else ".")
     else:
         above = sum(e.mean("model") >= _best_fill(e) for e in errors.values())
@@ -265,7 +266,7 @@ def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1
         text += (f" At no mask ratio is the model's error more than {margin:.0%} below the better "
                  f"fill{worse}: the pictures show no structure the models have learnt.")
     if flat:
-        flattened = _span([errors[r].mean("model_flat") for r in flat])
+        flattened = span([errors[r].mean("model_flat") for r in flat])
         text += (f" Flattening each painted patch to its own mean brightness lowers the error at "
                  f"{_ratios(flat, len(errors))} (to {flattened}): the detail painted inside "
                  "the patches, the speckle in the pictures, is worse than none.")
@@ -273,12 +274,6 @@ def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1
         text += (" Flattening each painted patch to its own mean brightness would raise the error "
                  "at every ratio: the detail painted inside the patches is learnt too.")
     return text
-
-
-def _span(values: list[float], spec: str = ".2f") -> str:
-    """A range of values in format `spec`, one number when both ends round alike."""
-    lo, hi = f"{min(values):{spec}}", f"{max(values):{spec}}"
-    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def _ratios(ratios: list[float], of: int) -> str:

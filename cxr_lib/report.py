@@ -17,6 +17,18 @@ def glue_text(name: str, text: str) -> None:
     glue(name, Markdown(text), display=False)
 
 
+def span(values: Sequence[float], spec: str = ".2f") -> str:
+    """A range of values in format `spec` ("0.50 to 0.73"), one number when both ends round
+    alike."""
+    lo, hi = f"{min(values):{spec}}", f"{max(values):{spec}}"
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def names(labels: Sequence[str]) -> str:
+    """Labels as prose lists them: "A", "A and B", "A, B and C"."""
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
 def sweep_sentence(setting: str, values: Sequence, scores: Sequence[float],
                    marks: dict[str, object], metric: str = "probe AUC") -> str:
     """One plain sentence on a one-seed sweep: the best value, and where the marked choices

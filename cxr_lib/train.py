@@ -760,6 +760,8 @@ class _Progress(Callback):
 
     def before_fit(self) -> None:
         self.mbar, self.header, self.pbar = master_bar(range(self.learn.n_epoch)), False, None
+        self.columns = progress_columns([cb.metric_name for cb in self.learn.cbs
+                                         if isinstance(cb, EpochMetric)], self.validates)
 
     def before_epoch(self) -> None:
         self.mbar.update(self.learn.epoch)
@@ -793,13 +795,11 @@ class _Progress(Callback):
         history = self.run_state.history
         if not history or history[-1]["epoch"] != self.learn.epoch:
             return  # an epoch finished before a restart
-        columns = progress_columns([cb.metric_name for cb in self.learn.cbs
-                                    if isinstance(cb, EpochMetric)], self.validates)
         if not self.header:
-            self.mbar.write(columns, table=True)
+            self.mbar.write(self.columns, table=True)
             self.header = True
         self.mbar.write([f"{v:.6g}" if isinstance(v, float) else str(v)
-                         for v in (history[-1][k] for k in columns)], table=True)
+                         for v in (history[-1][k] for k in self.columns)], table=True)
 
     def after_fit(self) -> None:
         self.mbar.on_iter_end()

@@ -52,3 +52,10 @@ def test_check_sentence_says_whether_the_test_split_agrees():
     assert tie.startswith("On the test split the best was the same, drop path 0.2")
     with pytest.raises(ValueError, match="aligned"):
         report.check_sentence("x", [1, 2], [0.5, 0.6], [0.5])
+
+
+def test_span_and_names_read_as_prose():
+    assert report.span([0.731, 0.5]) == "0.50 to 0.73"
+    assert report.span([0.331, 0.334], ".0%") == "33%"  # both ends round alike
+    assert [report.names(x) for x in (["A"], ["A", "B"], ["A", "B", "C"])] == [
+        "A", "A and B", "A, B and C"]

@@ -81,8 +81,9 @@ def _world() -> int:
 
 
 def gather_keys(keys: Tensor) -> Tensor:
-    """The keys of every rank, in rank order (all ranks must hold as many); `keys` alone when
-    not distributed. No gradient flows through: keys come from the key encoder."""
+    """The rows of every rank, in rank order (all ranks must hold as many); `keys` alone when
+    not distributed: the keys for the queue, and the key images for the shuffle. No
+    gradient flows through: both belong to the key encoder's side."""
     if _world() == 1:
         return keys
     out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
