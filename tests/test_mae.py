@@ -195,6 +195,42 @@ def test_load_reports_tampered_and_adapts(mae):
     assert "missing 1 (decoder_pred.weight)" in report.summary
 
 
+def test_a_released_rgb_mae_keeps_its_pixel_predictor_on_one_channel(tmp_path):
+    """A released MAE (facebookresearch/mae's `{"model": ...}` layout, 3 input channels and a
+    `decoder_pred` of p*p*3 outputs ordered pixel, channel) continues on 1-channel X-rays: the
+    predictor is adapted, not left random, and predicts the mean of its 3 channel predictions,
+    so the reconstruction loss starts where the released model's is (no higher, by Jensen)."""
+    rgb, gray = tiny(in_chans=3, seed=1), tiny(seed=5)
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": rgb.state_dict(), "epoch": 799}, path)
+    report = load_mae_checkpoint(gray, path)
+    assert report.mismatched == [] and report.missing == []
+    assert report.adapted == ["patch_embed.proj.weight", "decoder_pred.weight",
+                              "decoder_pred.bias"]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        loss_rgb, pred_rgb, _ = rgb.eval()(x.expand(-1, 3, -1, -1))  # [B, L, p*p*3]
+        torch.manual_seed(0)
+        loss_gray, pred_gray, _ = gray.eval()(x)  # [B, L, p*p], the same masks
+    per_channel = pred_rgb.reshape(2, 16, 64, 3)  # [B, L, p*p, C]
+    assert torch.allclose(pred_gray, per_channel.mean(-1), atol=1e-5)
+    assert loss_gray <= loss_rgb + 1e-6
+    # and back: a 1-channel MAE's predictor copied to each of 3 channels predicts the same
+    again = tiny(in_chans=3, seed=7)
+    load_mae_checkpoint(again, gray.state_dict())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        _, pred_again, _ = again.eval()(x.expand(-1, 3, -1, -1))
+    assert torch.allclose(pred_again.reshape(2, 16, 64, 3), pred_gray[..., None].expand(
+        -1, -1, -1, 3), atol=1e-5)
+
+
+def test_every_layer_norm_has_maes_eps_whatever_timms_block_default():
+    norms = [m for m in tiny().modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) > 4 and {m.eps for m in norms} == {1e-6}
+
+
 def test_load_rejects_foreign_files(tmp_path, mae):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_mae_checkpoint(mae, tmp_path / "nope.pth")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
-from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -139,8 +139,10 @@ class MaskedAutoencoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))  # [1, 1, Dd]
         dpos = sincos_pos_embed(ddim, config.grid)  # [1, 1+L, Dd]
         self.register_buffer("decoder_pos_embed", dpos)
+        # MAE's LayerNorm eps (1e-6), stated: timm's Block default was 1e-5 before timm 1.0.16.
+        norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.Sequential(*[
-            Block(ddim, config.decoder_heads, mlp_ratio=4.0, qkv_bias=True)
+            Block(ddim, config.decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
             for _ in range(config.decoder_depth)
         ])
         self.decoder_norm = nn.LayerNorm(ddim, eps=1e-6)
@@ -331,7 +333,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # the model's, absent from the file
     unexpected: list[str] = field(default_factory=list)  # the file's, unknown to the model
     regenerated: list[str] = field(default_factory=list)  # fixed sin-cos tables, other grid
-    adapted: list[str] = field(default_factory=list)  # patch projection, other channel count
+    adapted: list[str] = field(default_factory=list)  # first conv / pixel predictor, channels
     mismatched: list[str] = field(default_factory=list)  # other shapes, left as initialised
 
     @property
@@ -348,15 +350,48 @@ class LoadReport:
         return self.summary
 
 
+def adapt_input_channels(weight: Tensor, in_chans: int) -> Tensor:
+    """A first-layer kernel [O, C, k, k] for `in_chans` inputs that gives the same output on a
+    gray image fed as C replicated channels: summed to 1 channel, or a 1-channel kernel split
+    evenly over 3 (timm's `adapt_input_conv` rule, written here because its `base_chans`
+    argument is absent from the timm releases this project allows)."""
+    chans = weight.shape[1]
+    if chans == in_chans:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)  # [O, 1, k, k]
+    if chans == 1:
+        return weight.repeat(1, in_chans, 1, 1) / in_chans  # [O, C, k, k]
+    raise ValueError(f"cannot adapt a {chans}-channel kernel to {in_chans} channels")
+
+
+def adapt_output_channels(value: Tensor, pixels: int, chans: int) -> Tensor:
+    """A pixel predictor's weight [P*c, D] or bias [P*c] (outputs ordered pixel, channel, as
+    `patchify`) for `chans` channels instead of c: the mean of the c channel predictions (an RGB
+    MAE trained on replicated gray X-rays predicts each pixel c times), or 1 copied to each."""
+    have = value.shape[0] // pixels
+    if have == chans:
+        return value
+    per_pixel = value.reshape(pixels, have, *value.shape[1:])  # [P, c, (D)]
+    if chans == 1:
+        return per_pixel.mean(dim=1).reshape(pixels, *value.shape[1:])  # [P, (D)]
+    if have == 1:
+        return per_pixel.expand(pixels, chans, *value.shape[1:]).reshape(
+            pixels * chans, *value.shape[1:])  # [P*C, (D)]
+    raise ValueError(f"cannot adapt a {have}-channel pixel predictor to {chans} channels")
+
+
 def load_mae_checkpoint(mae: MaskedAutoencoder,
                         path_or_state: str | Path | Mapping[str, Tensor]) -> LoadReport:
     """Load MAE/ViT weights leniently and say what happened.
 
     Accepts a file or a dict: the released layout (`{"model": state_dict, ...}`) or a bare
     state dict, with or without a DDP `module.` prefix. Position tables on another grid are
-    kept as regenerated (they are fixed sin-cos), a 3-channel patch projection is summed to 1
-    channel (or the reverse) with timm's `adapt_input_conv`, other shape mismatches are
-    skipped; the rest loads with strict=False.
+    kept as regenerated (they are fixed sin-cos); a patch projection and a pixel predictor
+    (`decoder_pred`) of another channel count are adapted (`adapt_input_channels`,
+    `adapt_output_channels`), so continued pre-training of a released RGB MAE on 1-channel
+    X-rays keeps its decoder; other shape mismatches are skipped; the rest loads with
+    strict=False.
     """
     source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "state dict"
     state = _read_state(path_or_state, source)
@@ -369,7 +404,11 @@ def load_mae_checkpoint(mae: MaskedAutoencoder,
         elif key in ("pos_embed", "decoder_pos_embed"):
             report.regenerated.append(key)
         elif key == "patch_embed.proj.weight" and value.shape[2:] == own[key].shape[2:]:
-            usable[key] = adapt_input_conv(mae.config.in_chans, value, base_chans=value.shape[1])
+            usable[key] = adapt_input_channels(value, mae.config.in_chans)
+            report.adapted.append(key)
+        elif key.startswith("decoder_pred.") and value.shape[1:] == own[key].shape[1:]:
+            usable[key] = adapt_output_channels(value, mae.config.patch_size**2,
+                                                mae.config.in_chans)
             report.adapted.append(key)
         else:
             report.mismatched.append(key)
