@@ -270,6 +270,39 @@ def test_dataset_from_synthetic_root(tmp_path):
     assert ds.load_image(0).tolist() == np.full((8, 8), 100, dtype=np.uint8).tolist()
 
 
+def xiao_list(path: Path, names: list[str]) -> Path:
+    """A split list in Xiao et al.'s format (`data_splits/chestxray/*_official.txt`): an image
+    name, then its 14 labels as 0/1, per line."""
+    path.write_text("".join(f"{n} {' '.join(['0'] * 14)}\n" for n in names))
+    return path
+
+
+def test_split_lists_in_xiao_et_al_format_give_exactly_their_split(tmp_path):
+    root = make_nih(tmp_path / "nih", TINY, TINY_TRAIN_VAL, TINY_TEST)
+    val = ["00000002_000.png", "00000003_000.png"]  # not the draw's: exactly the lists'
+    lists = [xiao_list(tmp_path / f"{s}_official.txt", names) for s, names in (
+        ("train", ["00000001_000.png", "00000001_001.png"]), ("val", val), ("test", TINY_TEST))]
+    ds = read_chestxray14(root, split_lists=lists)
+    assert ds.meta.loc[ds.meta["split"] == "val", "id"].tolist() == val
+    assert ds.meta["split"].tolist() == ["train", "train", "val", "val", "test"]
+    drawn = read_chestxray14(root, val_fraction=0.5, seed=0)
+    assert drawn.meta["split"].tolist() != ds.meta["split"].tolist()
+
+
+def test_split_lists_refuse_a_name_twice_or_an_image_they_leave_out(tmp_path):
+    root = make_nih(tmp_path / "nih", TINY, TINY_TRAIN_VAL, TINY_TEST)
+    train = xiao_list(tmp_path / "train.txt", TINY_TRAIN_VAL)
+    val = xiao_list(tmp_path / "val.txt", ["00000003_000.png"])
+    test = xiao_list(tmp_path / "test.txt", TINY_TEST)
+    with pytest.raises(DataError, match=r"val.txt, line 1: '00000003_000.png' is already in "
+                                        r"the train list"):
+        read_chestxray14(root, split_lists=[train, val, test])
+    short = xiao_list(tmp_path / "short.txt", TINY_TRAIN_VAL[:2])
+    with pytest.raises(DataError, match=r"image '00000002_000.png' is in none of these split "
+                                        r"lists \(1 such\)"):
+        read_chestxray14(root, split_lists=[short, val, test])
+
+
 def test_patient_in_both_official_lists_is_refused(tmp_path):
     """Tampered lists: patient 1's first image moved to the test list."""
     train_val = [n for n in TINY_TRAIN_VAL if n != "00000001_000.png"]

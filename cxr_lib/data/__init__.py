@@ -23,13 +23,17 @@ __all__ = [
 
 
 def open_source(source: str, root=None, *, val_fraction: float = 0.1, seed: int = 0,
-                count: int = 1000, size: int = 128) -> XrayDataset:
+                count: int = 1000, size: int = 128, split_lists=None) -> XrayDataset:
     """Open a data source by name: 'chestxray14', 'folder', 'chexpert' or 'covid19_radiography'
-    (read from `root`), or 'phantom' (`count` synthetic images of `size` pixels; `root` unused)."""
+    (read from `root`), or 'phantom' (`count` synthetic images of `size` pixels; `root` unused).
+    `split_lists` (train, val, test files; ChestX-ray14 only) replace the drawn validation."""
+    if split_lists is not None and source != "chestxray14":
+        raise DataError(f"split lists are read for chestxray14 only, not {source!r}")
     if source == "chestxray14":
         from cxr_lib.data.nih import read_chestxray14
 
-        return read_chestxray14(root, val_fraction=val_fraction, seed=seed)
+        return read_chestxray14(root, val_fraction=val_fraction, seed=seed,
+                                split_lists=split_lists)
     if source == "folder":
         from cxr_lib.data.folder import read_class_folders
 

@@ -11,6 +11,11 @@ Layout (as downloaded from https://nihcc.app.box.com/v/ChestXray-NIHCC):
     root/train_val_list.txt, root/test_list.txt
     root/images/*.png                (or root/images_001/images/*.png ... images_012/images/)
     root/BBox_List_2017.csv          (optional, read by `read_bboxes`)
+
+The validation split is drawn by patient from train_val unless `split_lists` gives three lists
+(train, val, test) in Xiao et al.'s format, `data_splits/chestxray/*_official.txt` of their
+code: one image a line, its name first, then its 14 labels (ignored here: the label file's
+are used). Theirs hold 75,312, 11,212 and 25,596 images, the test list the official one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,6 +34,7 @@ import pandas as pd
 from cxr_lib.data.core import (
     FINDINGS,
     META_COLUMNS,
+    SPLITS,
     DataError,
     XrayDataset,
     check_patient_disjoint,
@@ -307,6 +313,29 @@ def _read_list(path: Path, known: set[str]) -> set[str]:
     return names
 
 
+def read_named_splits(paths: Sequence[str | Path], known: set[str]) -> dict[str, str]:
+    """Image name -> "train", "val" or "test" from three lists in that order (Xiao et al.'s
+    format: a name, then anything, per line); a name must be in the label file (`known`) and
+    listed once over the three."""
+    if len(paths) != len(SPLITS):
+        raise DataError(f"split lists: expected {len(SPLITS)} files (train, val, test), got "
+                        f"{len(paths)}")
+    named: dict[str, str] = {}
+    for split, path in zip(SPLITS, map(Path, paths), strict=True):
+        if not path.is_file():
+            raise DataError(f"{path}: {split} split list not found")
+        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            name = text.split()[0] if text.strip() else ""
+            if not name:
+                continue
+            if name not in known:
+                fail_at_line(path, line, f"{name!r} is not in the label file")
+            if name in named:
+                fail_at_line(path, line, f"{name!r} is already in the {named[name]} list")
+            named[name] = split
+    return named
+
+
 def image_dirs(root: str | Path) -> list[Path]:
     """The image folders present: root/images and the archive folders images_NNN/images."""
     root = Path(root)
@@ -336,10 +365,11 @@ def _find_images(root: Path) -> dict[str, str]:
     return found
 
 
-def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int = 0
-                     ) -> XrayDataset:
+def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
+                     split_lists: Sequence[str | Path] | None = None) -> XrayDataset:
     """ChestX-ray14 images present under `root`, with official test split and a patient-level
-    validation split drawn from train_val.
+    validation split drawn from train_val, or the splits of `split_lists` (train, val, test
+    files in Xiao et al.'s format; every image on disk must be in one of them).
 
     A partial download is normal: the dataset holds the images on disk, and
     `dataset.meta.attrs["chestxray14"]` records, as read, {"label_file", "image_dirs",
@@ -352,7 +382,8 @@ def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int =
     label_file = find_label_file(root)
     meta, labels = read_nih_labels(label_file)
     ids = meta["id"].tolist()
-    train_val, test = read_split_lists(root, ids)
+    named = None if split_lists is None else read_named_splits(split_lists, set(ids))
+    train_val, test = read_split_lists(root, ids) if named is None else (set(), set())
     files = _find_images(root)
     unknown = sorted(set(files).difference(ids))
     if unknown:
@@ -361,7 +392,8 @@ def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int =
     paths = np.array([files.get(i, "") for i in ids], dtype=object)  # [N], "" when absent
     present = paths != ""
     meta, labels = meta[present].reset_index(drop=True), labels[present]
-    meta["split"] = _assign_splits(meta, train_val, test, val_fraction, seed, root)
+    meta["split"] = (_assign_splits(meta, train_val, test, val_fraction, seed, root)
+                     if named is None else _named_splits(meta, named, split_lists))
     meta["source"] = SOURCE
     meta["path"] = paths[present].astype(str)
     check_patient_disjoint(meta, SOURCE)
@@ -384,6 +416,17 @@ def _assign_splits(meta: pd.DataFrame, train_val: set[str], test: set[str],
     split = np.full(len(meta), "test", dtype=object)
     split[in_train_val] = patient_split(meta["patient"][in_train_val], val_fraction, seed)
     return split
+
+
+def _named_splits(meta: pd.DataFrame, named: dict[str, str],
+                  paths: Sequence[str | Path]) -> np.ndarray:
+    """Each image's split from `read_named_splits`; an image on disk that no list names is an
+    error naming the lists."""
+    split = meta["id"].map(named)
+    if split.isna().any():
+        raise DataError(f"{', '.join(map(str, paths))}: image {meta['id'][split.isna()].iloc[0]!r}"
+                        f" is in none of these split lists ({int(split.isna().sum())} such)")
+    return split.to_numpy(dtype=object)
 
 
 def _member(ids: list[str], names: set[str] | dict[str, str]) -> np.ndarray:
