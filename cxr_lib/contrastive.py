@@ -47,18 +47,22 @@ from cxr_lib.train import (
     unwrap_model,
 )
 
+_LATER_FIELDS = {"in_chans": 1}  # added after runs were published: named only when set
+
 
 @dataclass(frozen=True)
 class MocoRecipe:
     """The model and augmentation of one MoCo v2 run (the optimiser is a TrainConfig, see
     `moco_config`). Defaults are MoCo v2's: a 65,536-key queue, key momentum 0.999,
-    temperature 0.2, a 2048-wide MLP head to 128 dimensions, crops of 20-100% of the image, and
-    batch norm over sub-batches of 32 when the batch is MoCo's 256 (8 GPUs x 32)."""
+    temperature 0.2, an MLP head as wide as the backbone's features (`hidden_dim=None`: 1024 for
+    DenseNet-121, 2048 for ResNet-50, as MoCo's code builds it) to 128 dimensions, crops of
+    20-100% of the image, and batch norm over sub-batches of 32 when the batch is MoCo's 256
+    (8 GPUs x 32). `in_chans=3` feeds the gray image replicated to RGB, as Xiao et al. do."""
 
     model: str = "densenet121"
     img_size: int = 224
     dim: int = 128
-    hidden_dim: int = 2048
+    hidden_dim: int | None = None  # None: the backbone's feature width (MoCo's code)
     queue_size: int = 65536
     momentum: float = 0.999
     temperature: float = 0.2
@@ -69,9 +73,16 @@ class MocoRecipe:
     jitter_p: float = 0.8
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at 224 px, scaled with img_size
     blur_p: float = 0.5
+    in_chans: int = 1
+
+    def identity(self) -> dict:
+        """The recipe as the run hash sees it: the channel count only when it is not 1, so
+        runs from before the field keep their folders."""
+        return runs.without_defaults(dataclasses.asdict(self), _LATER_FIELDS)
 
     def build(self) -> MoCo:
-        return build_moco(self.model, dim=self.dim, hidden_dim=self.hidden_dim,
+        return build_moco(self.model, in_chans=self.in_chans, dim=self.dim,
+                          hidden_dim=self.hidden_dim,
                           queue_size=self.queue_size, momentum=self.momentum,
                           temperature=self.temperature, bn_splits=self.bn_splits)
 
@@ -108,7 +119,12 @@ class PretrainedMoco:
 def moco_config(epochs: int, batch_size: int, *, base_lr: float = 0.03,
                 warmup_epochs: float = 0.0, seed: int = 0, **changes) -> TrainConfig:
     """MoCo v2's optimisation: SGD with momentum 0.9, weight decay 1e-4, lr = base_lr x
-    batch / 256 (0.03 at 256), cosine decay. `changes` override any other TrainConfig field."""
+    batch / 256 (0.03 at 256), cosine decay. `changes` override any other TrainConfig field.
+
+    The cosine is the engine's, stepped every batch; MoCo's code steps it once an epoch, so the
+    two rates differ within an epoch by at most pi / (2 x epochs) of the peak (0.8% at 200
+    epochs), and agree at each epoch's start.
+    """
     # floats as floats: a profile's `0` and the default 0.0 must name the same run
     return TrainConfig(epochs=epochs, batch_size=batch_size, base_lr=float(base_lr),
                        warmup_epochs=float(warmup_epochs), seed=seed, optimizer="sgd",
@@ -121,7 +137,7 @@ def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train") -> Moco
     return MocoAugment(recipe.img_size, scale=recipe.crop_scale, brightness=recipe.brightness,
                        contrast=recipe.contrast, jitter_p=recipe.jitter_p,
                        blur_sigma=recipe.blur_sigma, blur_p=recipe.blur_p,
-                       mean=mean, std=std)
+                       mean=mean, std=std, channels=recipe.in_chans)
 
 
 # ----------------------------------------------------------------------------- kNN monitor
@@ -235,7 +251,7 @@ def pretrain_moco(cache: Cache, recipe: MocoRecipe, config: TrainConfig, run_roo
     knn = knn or KnnSettings()
     _check_batch(cache, split, recipe, config.batch_size)
     augment = moco_augment(cache, recipe, split)
-    extra = {"recipe": dataclasses.asdict(recipe), "data": cache_identity(cache), "split": split,
+    extra = {"recipe": recipe.identity(), "data": cache_identity(cache), "split": split,
              "normalise": [augment.mean, augment.std], "knn": dataclasses.asdict(knn),
              **config.extra}
     config = dataclasses.replace(config, extra=extra)
@@ -265,12 +281,12 @@ def _check_batch(cache: Cache, split: str, recipe: MocoRecipe, batch_size: int) 
 def save_backbone(pretrained: PretrainedMoco, path: str | Path) -> Path:
     """Write the query backbone (timm keys, no projection head) with its recipe, for
     fine-tuning (chapter 4): it loads into `timm.create_model(recipe.model, num_classes=n,
-    in_chans=1)` with only the classifier missing."""
+    in_chans=recipe.in_chans)` with only the classifier missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in pretrained.moco.encoder_q.state_dict().items()}
     runs.atomic_save({"model": state, "backbone": pretrained.recipe.model,
-                      "recipe": dataclasses.asdict(pretrained.recipe),
+                      "recipe": pretrained.recipe.identity(),
                       "normalise": [pretrained.augment.mean, pretrained.augment.std],
                       "run": pretrained.run.path.name}, path)
     return path

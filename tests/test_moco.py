@@ -390,6 +390,26 @@ def test_a_densenet_backbone_keeps_timms_names():
     assert sorted(missing) == ["classifier.bias", "classifier.weight"] and unexpected == []
 
 
+@pytest.mark.parametrize("backbone, width", [("densenet121", 1024), ("resnet50", 2048)])
+def test_the_default_head_is_as_wide_as_the_backbones_features_as_in_mocos_code(backbone, width):
+    """MoCo's builder widens the backbone's own classifier into Linear(d, d), ReLU, Linear(d,
+    128), d the classifier's input width: 1024 for DenseNet-121, 2048 for ResNet-50."""
+    moco = dataclasses.replace(MocoRecipe(model=backbone), queue_size=16).build()
+    assert [tuple(m.weight.shape) for m in moco.head_q if isinstance(m, nn.Linear)] == [
+        (width, width), (128, width)]
+    assert moco.encoder_q.num_features == width
+
+
+def test_rgb_input_is_an_option_that_leaves_default_runs_named_as_before():
+    recipe = MocoRecipe(model="resnet10t", hidden_dim=32, queue_size=16)
+    old = dataclasses.asdict(recipe)
+    del old["in_chans"]
+    assert recipe.identity() == old
+    rgb = dataclasses.replace(recipe, in_chans=3)
+    assert rgb.identity()["in_chans"] == 3
+    assert rgb.build().encoder_q.conv1[0].weight.shape[1] == 3
+
+
 def test_command_line_pretrains_with_profile_defaults_and_saves(cache, tmp_path, capsys):
     section = {"models": ["resnet10t"], "image_size": 32, "epochs": 1, "warmup_epochs": 0,
                "batch_size": 16, "base_lr": 0.3, "queue_size": 64, "momentum": 0.99,

@@ -42,10 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
-    """MoCo v2's MLP head: Linear, ReLU, Linear. Only pre-training uses it; fine-tuning drops it."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+def projection_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128
+                    ) -> nn.Sequential:
+    """MoCo v2's MLP head: Linear, ReLU, Linear, `hidden_dim` wide (None: `in_dim`, as MoCo's
+    code makes it, the width of the backbone's features). Only pre-training uses it."""
+    hidden = in_dim if hidden_dim is None else hidden_dim
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
 
 
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -119,7 +122,7 @@ class MoCo(nn.Module):
     (a timm model with num_classes=0); the key encoder starts as its copy.
     """
 
-    def __init__(self, encoder: nn.Module, *, dim: int = 128, hidden_dim: int = 2048,
+    def __init__(self, encoder: nn.Module, *, dim: int = 128, hidden_dim: int | None = None,
                  queue_size: int = 65536, momentum: float = 0.999, temperature: float = 0.2,
                  bn_splits: int = 8) -> None:
         super().__init__()
