@@ -94,11 +94,17 @@ def random_resized_crop(x: Tensor, out_size: int, scale: tuple[float, float] = (
     return crop_resize(x, boxes, out_size)  # [B, C, S, S]
 
 
-def center_resize(x: Tensor, out_size: int) -> Tensor:
-    """The evaluation view: the central square, resized to out_size² (no randomness)."""
+def center_resize(x: Tensor, out_size: int, crop: float = 1.0) -> Tensor:
+    """The evaluation view: the central square, resized to out_size² (no randomness).
+
+    `crop` < 1 keeps that share of the square's side: 224 / 256 is timm's and Xiao et al.'s
+    Resize(256) then CenterCrop(224), written as one resampling of the central box.
+    """
     _check_batch(x)
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop must lie in (0, 1], got {crop}")
     h, w = x.shape[2], x.shape[3]
-    side = min(h, w)
+    side = round(min(h, w) * crop)
     x0, y0 = (w - side) // 2, (h - side) // 2
     boxes = torch.tensor([[x0, y0, x0 + side, y0 + side]]).expand(x.shape[0], 4)  # [B, 4]
     return crop_resize(x, boxes, out_size)  # [B, C, S, S]

@@ -16,7 +16,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from cxr_lib.data.cache import prepare_cache
 
     dataset = open_source(args.source, args.root, val_fraction=args.val_fraction,
-                          seed=args.seed, count=args.count, size=args.size)
+                          seed=args.seed, count=args.count, size=args.size,
+                          split_lists=args.split_lists)
     cache = prepare_cache(dataset, args.out, size=args.size, workers=args.workers)
     print(cache.summary())
 
@@ -58,7 +59,8 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
     recipe = MaeRecipe(model=value("model"), img_size=value("image_size"),
                        patch_size=value("patch_size"), mask_ratio=args.mask_ratio,
                        crop_scale=tuple(args.crop_scale), decoder_dim=value("decoder_dim"),
-                       decoder_depth=value("decoder_depth"), decoder_heads=value("decoder_heads"))
+                       decoder_depth=value("decoder_depth"), decoder_heads=value("decoder_heads"),
+                       in_chans=args.in_chans or defaults.get("in_chans", 1))
     config = TrainConfig(epochs=value("epochs"), batch_size=value("batch_size"),
                          base_lr=value("base_lr"), warmup_epochs=value("warmup_epochs"),
                          seed=profile.shared.get("seed", 0))
@@ -86,20 +88,23 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
     resolve_device(profile.shared.get("device", "auto"))
     section = profile.chapters.get("03_moco_baselines", {})
     # The 03_moco_baselines values this command reads, defaulting to MoCo v2's as the recipe,
-    # the optimiser and the kNN monitor define them (None: the profile or the options must).
+    # the optimiser and the kNN monitor define them; the profile or the options must set those
+    # in `required` (a head width of None is MoCo's: as wide as the backbone's features).
     base, monitor = MocoRecipe(), KnnSettings()
+    required = ("image_size", "epochs", "batch_size", "model")
     optimiser = inspect.signature(moco_config).parameters
     defaults = {"image_size": None, "epochs": None, "batch_size": None,
                 "warmup_epochs": optimiser["warmup_epochs"].default,
                 "base_lr": optimiser["base_lr"].default, "queue_size": base.queue_size,
                 "momentum": base.momentum, "temperature": base.temperature,
                 "hidden_dim": base.hidden_dim, "bn_splits": base.bn_splits,
+                "in_chans": base.in_chans,
                 "knn_k": monitor.k, "knn_every": monitor.every, "knn_images": monitor.max_images}
     values = {name: section.get(name, default) for name, default in defaults.items()}
     values.update({name: getattr(args, name) for name in defaults
                    if getattr(args, name) is not None})
     values["model"] = args.model or (section.get("models") or [None])[0]
-    missing = sorted(name for name, value in values.items() if value is None)
+    missing = sorted(name for name in required if values[name] is None)
     if missing:
         options = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise ProfileError(f"{profile.path}: the 03_moco_baselines section does not set "
@@ -107,7 +112,7 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
     recipe = MocoRecipe(model=values["model"], img_size=values["image_size"],
                         hidden_dim=values["hidden_dim"], queue_size=values["queue_size"],
                         momentum=values["momentum"], temperature=values["temperature"],
-                        bn_splits=values["bn_splits"])
+                        bn_splits=values["bn_splits"], in_chans=values["in_chans"])
     config = moco_config(values["epochs"], values["batch_size"], base_lr=values["base_lr"],
                          warmup_epochs=values["warmup_epochs"],
                          seed=profile.shared.get("seed", 0))
@@ -157,7 +162,9 @@ def _recipe_and_config(args: argparse.Namespace):
         randaug_magnitude=value("randaug", "paper_randaug", base.randaug_magnitude),
         mixup=args.mixup, cutmix=args.cutmix,
         crop_scale=tuple(value("crop_scale", "crop_scale", base.crop_scale)),
-        train_fraction=args.train_fraction)
+        train_fraction=args.train_fraction,
+        in_chans=value("in_chans", "in_chans", base.in_chans),
+        eval_crop=value("eval_crop", "eval_crop", base.eval_crop))
     config = paper_config(
         epochs=value("epochs", "epochs", paper.epochs),
         warmup_epochs=value("warmup_epochs", "warmup_epochs", paper.warmup_epochs),
@@ -179,6 +186,26 @@ def _finetune(args: argparse.Namespace) -> None:
     print(f"start: {result.load_report.summary}")
     print(f"validation AUC {result.valid_auc:.4f} (best epoch); test AUC {result.test_auc:.4f} "
           f"on {result.run.metrics.get('test_images', 0)} images")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.finetune import PAPER_EVAL_CROP, PAPER_NORMALISE, evaluate_weights
+    from cxr_lib.published import published_for
+
+    table, report = evaluate_weights(
+        open_cache(args.data), args.model, args.weights, split=args.split,
+        in_chans=args.in_chans, img_size=args.image_size, patch_size=args.patch_size,
+        eval_crop=PAPER_EVAL_CROP if args.eval_crop is None else args.eval_crop,
+        normalise=PAPER_NORMALISE if args.normalise is None else tuple(args.normalise),
+        batch_size=args.batch_size)
+    print(f"{args.weights}: {report.summary}")
+    print(f"{args.split} AUC (%) on {table.attrs['images']:,} images")
+    print(table.round(2).to_string(index=False))
+    published = published_for(args.model)
+    if len(published):
+        print("published (theirs, not computed here):")
+        print(published.to_string(index=False))
 
 
 def _grid(args: argparse.Namespace) -> None:
@@ -207,9 +234,10 @@ def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
     cmd.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
     cmd.add_argument("--init", default="random",
-                     choices=["random", "imagenet", "mae", "moco", "torchvision"])
-    cmd.add_argument("--weights", type=Path, help="the start's file (mae, moco, torchvision; "
-                     "imagenet: optional, else the Hugging Face cache)")
+                     choices=["random", "imagenet", "mae", "moco", "torchvision", "finetuned"])
+    cmd.add_argument("--weights", type=Path, help="the start's file (mae, moco, torchvision, "
+                     "finetuned: a whole classifier, head kept; imagenet: optional, else the "
+                     "Hugging Face cache)")
     cmd.add_argument("--patch-size", type=int, help="ViT patch (default: chapter 2's)")
     cmd.add_argument("--mixup", type=float, default=0.0)
     cmd.add_argument("--cutmix", type=float, default=0.0)
@@ -230,7 +258,11 @@ def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
             ("--warmup-epochs", {"type": float}),
             ("--batch-size", {"type": int, "help": "global batch (all GPUs together)"}),
             ("--base-lr", {"type": float, "help": "lr = base_lr x batch_size / 256"}),
-            ("--min-lr", {"type": float})):
+            ("--min-lr", {"type": float}),
+            ("--in-chans", {"type": int, "choices": [1, 3],
+                            "help": "3: the gray image replicated to RGB (the papers)"}),
+            ("--eval-crop", {"type": float, "help": "share of the side the evaluation view "
+                             "keeps (the papers: 0.875, Resize(256) then CenterCrop(224))"})):
         profiled.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
 
@@ -249,6 +281,29 @@ def add_finetune_commands(groups: argparse._SubParsersAction) -> None:
                       help="a FinetuneRecipe or TrainConfig field and its values; repeatable")
     grid.add_argument("--name", help="table name (default grid-<hash of the request>)")
     grid.set_defaults(func=_grid)
+
+
+def add_evaluate_command(groups: argparse._SubParsersAction) -> None:
+    """`cxr evaluate`: a whole fine-tuned classifier file (head kept) scored on a split."""
+    ev = groups.add_parser(
+        "evaluate", help="per-finding AUC of a fine-tuned classifier file, head included (e.g. "
+        "Xiao et al.'s released ViT-S or DenseNet-121), beside the published numbers; defaults "
+        "are their evaluation")
+    ev.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
+    ev.add_argument("--weights", type=Path, required=True, help="the fine-tuned classifier")
+    ev.add_argument("--model", required=True, help="vit_small_patch16, vit_base_patch16, "
+                    "densenet121, ... (the file's architecture)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--in-chans", type=int, default=3, choices=[1, 3],
+                    help="3: the gray image replicated to RGB, as the papers feed it")
+    ev.add_argument("--image-size", type=int, default=224)
+    ev.add_argument("--patch-size", type=int, help="ViT patch (default 16)")
+    ev.add_argument("--eval-crop", type=float, help="share of the side kept before resizing "
+                    "(default 224/256: their Resize(256), CenterCrop(224); 1: the whole image)")
+    ev.add_argument("--normalise", type=float, nargs=2, metavar=("MEAN", "STD"),
+                    help="pixel statistics in 0..1 (default theirs, 0.5056 0.252)")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.set_defaults(func=_evaluate)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -277,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=None, help="decoding processes")
     prep.add_argument("--val-fraction", type=float, default=0.1,
                       help="share of train/val patients drawn for validation")
+    prep.add_argument("--split-lists", type=Path, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                      help="chestxray14: the splits of these lists (Xiao et al.'s "
+                      "train_official.txt val_official.txt test_official.txt format) instead "
+                      "of the drawn validation")
     prep.add_argument("--seed", type=int, default=0)
     prep.add_argument("--count", type=int, default=1000, help="phantoms to draw")
     prep.set_defaults(func=_data_prepare)
@@ -314,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     mae.add_argument("--decoder-dim", type=int)
     mae.add_argument("--decoder-depth", type=int)
     mae.add_argument("--decoder-heads", type=int)
+    mae.add_argument("--in-chans", type=int, choices=[1, 3], help="3: the gray image "
+                     "replicated to RGB, as the papers feed it (default: the profile's, else 1)")
     mae.add_argument("--mask-ratio", type=float, default=0.9)
     mae.add_argument("--crop-scale", type=float, nargs=2, default=[0.5, 1.0],
                      metavar=("LOW", "HIGH"))
@@ -340,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     moco.add_argument("--queue-size", type=int, help="negative keys kept (MoCo: 65536)")
     moco.add_argument("--momentum", type=float, help="of the key encoder (MoCo: 0.999)")
     moco.add_argument("--temperature", type=float, help="of the InfoNCE softmax (MoCo v2: 0.2)")
-    moco.add_argument("--hidden-dim", type=int, help="width of the projection head (2048)")
+    moco.add_argument("--hidden-dim", type=int, help="width of the projection head (default: "
+                      "the backbone's feature width, as MoCo's code)")
+    moco.add_argument("--in-chans", type=int, choices=[1, 3],
+                      help="3: the gray image replicated to RGB, as the papers feed it")
     moco.add_argument("--bn-splits", type=int, help="batch-norm groups of the global batch (8)")
     moco.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (20)")
     moco.add_argument("--knn-every", type=int, help="epochs between kNN evaluations (1)")
@@ -349,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     moco.add_argument("--force", action="store_true", help="train again even if finished")
     moco.set_defaults(func=_pretrain_moco)
     add_finetune_commands(groups)
+    add_evaluate_command(groups)
     bench = groups.add_parser(
         "bench", help="images/s of the papers' PNG + torchvision pipeline, the study's engine "
         "and the model step alone, with FLOPs, share of peak and memory (book/performance.md)")

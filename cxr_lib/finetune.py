@@ -9,6 +9,13 @@ AdamW (betas 0.9, 0.999; weight decay 0.05), base LR 2.5e-4 x batch / 256 with a
 timm's RandAugment `rand-m6-mstd0.5-inc1` after a random-resized crop (timm's default scale
 0.08-1) and a flip, no mixup, cutmix or random erasing, BCE over the 14 findings.
 
+Two settings of that script are options here, which the `paper` profile sets and the smaller
+profiles leave at this project's values: `in_chans=3` feeds the gray X-ray replicated to RGB
+into a 3-channel stem, as their code does (a 1-channel stem gives the same forward pass but,
+after one AdamW or SGD step, a third of the summed stem's move), and `eval_crop=PAPER_EVAL_CROP`
+is their evaluation view, Resize(256) then CenterCrop(224) (here the whole image is resized).
+`evaluate_weights` scores a whole fine-tuned classifier (their released ones) on a split.
+
 Model selection differs from that script on purpose: it reports the best test AUC seen during
 training; here the epoch with the best validation AUC is kept (`keep_best="valid_auc"`) and the
 test split is evaluated once, with those weights, at the end. The test numbers are written into
@@ -65,6 +72,11 @@ from cxr_lib.train import (
 )
 
 TEST_SCORES = "test_scores.parquet"  # in the run folder: id, patient, one logit per finding
+PAPER_EVAL_CROP = 224 / 256  # Xiao et al.'s evaluation view: Resize(256), CenterCrop(224)
+# Xiao et al.'s pixel mean and std of ChestX-ray14 (0..1), the same for each RGB channel
+PAPER_NORMALISE = (0.5056, 0.252)
+# Fields added after runs were published, with their defaults (see `FinetuneRecipe.identity`)
+_LATER_FIELDS = {"in_chans": 1, "eval_crop": 1.0}
 
 
 @dataclass(frozen=True)
@@ -88,11 +100,13 @@ class FinetuneRecipe:
     # MedTransformer reuses the statistics of its pre-training mix.
     normalise: tuple[float, float] | None = None
     train_fraction: float = 1.0  # share of the training patients whose labels are used
+    in_chans: int = 1  # 3: the gray image replicated to RGB, as the papers' code feeds it
+    eval_crop: float = 1.0  # share of the side the evaluation view keeps (paper: 224 / 256)
 
     def __post_init__(self) -> None:
         """Numbers as floats, so 6 and 6.0 (a YAML int, a default float) name the same run."""
         for name in ("layer_decay", "drop_path", "randaug_magnitude", "mixup", "cutmix",
-                     "rotation", "train_fraction"):
+                     "rotation", "train_fraction", "eval_crop"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))
@@ -117,6 +131,16 @@ class FinetuneRecipe:
         if self.normalise is not None and not (len(self.normalise) == 2
                                                and self.normalise[1] > 0):
             raise ValueError(f"normalise must be (mean, std > 0), got {self.normalise}")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if not 0 < self.eval_crop <= 1:
+            raise ValueError(f"eval_crop must lie in (0, 1], got {self.eval_crop}")
+
+    def identity(self, weights: str | None) -> dict:
+        """The recipe as the run hash sees it: the start file (`weights`, resolved) by its
+        content, and the later fields only where they differ from their defaults."""
+        fields = {**dataclasses.asdict(self), "weights": runs.weights_digest(weights)}
+        return runs.without_defaults(fields, _LATER_FIELDS)
 
 
 def paper_config(**changes) -> TrainConfig:
@@ -138,20 +162,24 @@ class FinetuneAugment:
     std: float
     randaug: RandAugment | None = None
     rotation: float = 0.0
+    channels: int = 1
+    eval_crop: float = 1.0
 
     def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """uint8 [B, 1, H, W] -> float [B, 1, size, size], freshly augmented."""
+        """uint8 [B, 1, H, W] -> float [B, channels, size, size], freshly augmented."""
         x = random_resized_crop(x_u8, self.size, self.scale, generator=generator)  # uint8
         x = hflip(x, 0.5, generator)  # [B, 1, S, S]
         if self.rotation:
             x = random_rotate(x, self.rotation, fill_level(self.mean), generator)
         if self.randaug is not None:
             x = self.randaug(x, generator)  # [B, 1, S, S] uint8
-        return to_float(x, self.mean, self.std)
+        return to_float(x, self.mean, self.std, self.channels)  # [B, channels, S, S]
 
     def plain(self, x_u8: Tensor) -> Tensor:
-        """The evaluation view: the whole image resized, normalised the same way."""
-        return to_float(center_resize(x_u8, self.size), self.mean, self.std)
+        """The evaluation view: the central `eval_crop` of the image (all of it by default)
+        resized, normalised the same way."""
+        view = center_resize(x_u8, self.size, self.eval_crop)  # [B, 1, S, S] uint8
+        return to_float(view, self.mean, self.std, self.channels)
 
 
 def finetune_augment(cache: Cache, recipe: FinetuneRecipe,
@@ -163,7 +191,7 @@ def finetune_augment(cache: Cache, recipe: FinetuneRecipe,
     randaug = (None if recipe.randaug_magnitude is None
                else RandAugment(magnitude=recipe.randaug_magnitude, fill=fill_level(mean)))
     return FinetuneAugment(recipe.img_size, tuple(recipe.crop_scale), mean, std, randaug,
-                           recipe.rotation)
+                           recipe.rotation, recipe.in_chans, recipe.eval_crop)
 
 
 def label_subset(cache: Cache, fraction: float, seed: int, split: str = "train") -> np.ndarray:
@@ -260,7 +288,7 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
     split_images = len(cache.split_indices(train_split))
     draws = split_images if len(rows) < split_images else None  # per epoch, for a share
     augment = finetune_augment(cache, recipe, train_split)
-    extra = {"recipe": {**dataclasses.asdict(recipe), "weights": runs.weights_digest(weights)},
+    extra = {"recipe": recipe.identity(weights),
              "data": cache_identity(cache), "splits": list(splits), "train_images": len(rows),
              "normalise": [augment.mean, augment.std], **config.extra}
     if draws is not None:
@@ -269,9 +297,9 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
                                  keep_best="valid_auc", extra=extra)
     torch.manual_seed(config.seed)  # the head's (and a random start's) weights are the run's
     model, report = build_classifier(
-        recipe.model, num_classes=len(cache.findings), img_size=recipe.img_size,
-        patch_size=recipe.patch_size, drop_path=recipe.drop_path, init=recipe.init,
-        weights=weights)
+        recipe.model, num_classes=len(cache.findings), in_chans=recipe.in_chans,
+        img_size=recipe.img_size, patch_size=recipe.patch_size, drop_path=recipe.drop_path,
+        init=recipe.init, weights=weights)
     device = default_device()
     train = CacheBatches(cache, rows, config.batch_size, shuffle=True, seed=config.seed,
                          drop_last=True, device=device, resident=resident, draws=draws,
@@ -339,6 +367,33 @@ def evaluate_split(model: nn.Module, cache: Cache, split: str, augment: Finetune
     return torch.cat(scores).numpy(), batches.indices
 
 
+def evaluate_weights(cache: Cache, model: str, weights: str | Path, *, split: str = "test",
+                     in_chans: int = 3, img_size: int = 224, patch_size: int | None = None,
+                     eval_crop: float = PAPER_EVAL_CROP,
+                     normalise: tuple[float, float] = PAPER_NORMALISE, batch_size: int = 128
+                     ) -> tuple[pd.DataFrame, LoadReport]:
+    """The test AUC (%) per finding, and their mean, of a whole fine-tuned classifier file (its
+    head kept: `init="finetuned"`), e.g. one Xiao et al. released, and what loaded.
+
+    Defaults are their evaluation: the gray image replicated to RGB, normalised with their
+    statistics, Resize(256) then CenterCrop(224). The classifier's outputs are read in the
+    cache's finding order, which is theirs (`cxr_lib.data.core.FINDINGS`).
+    """
+    net, report = build_classifier(model, num_classes=len(cache.findings), in_chans=in_chans,
+                                   img_size=img_size, patch_size=patch_size, init="finetuned",
+                                   weights=weights)
+    augment = FinetuneAugment(img_size, (0.08, 1.0), *normalise, channels=in_chans,
+                              eval_crop=eval_crop)
+    scores, rows = evaluate_split(net, cache, split, augment, TrainConfig(batch_size=batch_size))
+    if len(rows) == 0:
+        raise ValueError(f"{cache.path}: the cache has no {split!r} images to score")
+    mean, per_class = mean_auc(scores, cache.labels[rows])
+    table = pd.DataFrame({"finding": [*cache.findings, "mean"],
+                          "AUC (%)": [*(100 * per_class), 100 * mean]})
+    table.attrs.update(images=len(rows), split=split)
+    return table, report
+
+
 def encoder_file(work_dir: str | Path, method: str, model: str) -> Path:
     """`work_dir/encoders/<method>_<model>.pt`, the encoder chapter 2 (mae) or chapter 3 (moco)
     saved; a missing one is an error that says which chapter to run first."""
@@ -364,8 +419,8 @@ def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, Finetu
     config = json.loads((run_dir / runs.CONFIG).read_text())
     recipe = FinetuneRecipe(**{**config["extra"]["recipe"], "init": "random", "weights": None})
     model, _ = build_classifier(recipe.model, num_classes=len(cache.findings),
-                                img_size=recipe.img_size, patch_size=recipe.patch_size,
-                                drop_path=recipe.drop_path)
+                                in_chans=recipe.in_chans, img_size=recipe.img_size,
+                                patch_size=recipe.patch_size, drop_path=recipe.drop_path)
     weights = run_dir / runs.BEST if (run_dir / runs.BEST).exists() else run_dir / runs.CHECKPOINT
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
     return model.eval(), finetune_augment(cache, recipe)

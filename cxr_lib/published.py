@@ -36,3 +36,16 @@ def published_chestxray14() -> pd.DataFrame:
     each mean is taken over and on which test images."""
     return pd.DataFrame(_ROWS, columns=["source", "model", "pre-training", "mean AUC (%)",
                                         "averaged over", "tested on"])
+
+
+# This project's model names as the papers' tables spell them.
+PAPER_MODELS = {"vit_small_patch16": "ViT-S/16", "vit_base_patch16": "ViT-B/16",
+                "densenet121": "DenseNet-121"}
+
+
+def published_for(model: str) -> pd.DataFrame:
+    """The published rows of `model` (a name of this project, e.g. vit_small_patch16): what a
+    released checkpoint of it is to be compared with (this table holds the papers' mean AUCs,
+    not their per-finding ones)."""
+    table = published_chestxray14()
+    return table[table["model"] == PAPER_MODELS.get(model, model)].reset_index(drop=True)

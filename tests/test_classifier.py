@@ -226,3 +226,97 @@ def test_hiera_imagenet_file_in_the_official_layout_is_renamed_by_timms_filter(t
     assert report.unexpected == [] and report.adapted == []
     assert torch.equal(net.head.norm.weight, source["head.norm.weight"])
     assert forward(net, 64).shape == (2, 14)
+
+
+# --- the papers' RGB input and their released fine-tuned classifiers --------------------------
+
+def randomise_batch_norm(net: torch.nn.Module) -> None:
+    """Running statistics away from (0, 1), so an eval-mode comparison tests them too."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+def released_vit(path: Path) -> torch.nn.Module:
+    """A fine-tuned ViT in the layout of Xiao et al.'s released files, built from its
+    description: MAE's `models_vit` is timm's ViT with the final norm replaced by `fc_norm`
+    after average pooling (`global_pool`), on RGB input; their script saves `{"model": ...}`
+    with the optimizer, epoch, scaler and argparse args. Every weight is random, the position
+    table learned (not sin-cos)."""
+    torch.manual_seed(3)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=14,
+                            in_chans=3, global_pool="avg", **VIT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    torch.save({"model": net.state_dict(), "optimizer": {}, "epoch": 74, "scaler": {},
+                "args": argparse.Namespace(model="vit_small_patch16", nb_classes=14)}, path)
+    return net.eval()
+
+
+def released_densenet(path: Path) -> torch.nn.Module:
+    """Their fine-tuned DenseNet-121: torchvision's `densenet121(num_classes=14)` on RGB, in
+    the same `{"model": ...}` file."""
+    torch.manual_seed(4)
+    net = torchvision.models.densenet121(num_classes=14)
+    randomise_batch_norm(net)
+    torch.save({"model": net.state_dict(), "epoch": 74}, path)
+    return net.eval()
+
+
+@pytest.mark.parametrize("model, release", [("vit_tiny_patch16", released_vit),
+                                            ("densenet121", released_densenet)])
+def test_a_released_fine_tuned_classifier_loads_whole_with_the_released_logits(
+        tmp_path, model, release):
+    path = tmp_path / "finetuned.pth"
+    theirs = release(path)
+    x = torch.randn(2, 1, 32, 32)  # a normalised gray batch
+    with torch.no_grad():
+        expected = theirs(x.expand(-1, 3, -1, -1))  # [B, 14], their RGB-replicated input
+        for in_chans in (3, 1):  # their stem, or the same stem summed to one channel
+            net, report = build_classifier(model, in_chans=in_chans, init="finetuned",
+                                           weights=path, **(VIT if model != "densenet121" else {}))
+            assert report.missing == [] and report.unexpected == []
+            assert len(report.loaded) == len(theirs.state_dict())
+            got = net.eval()(x.expand(-1, in_chans, -1, -1))
+            assert (got - expected).abs().max() < 1e-4, in_chans
+        # every earlier start drops the head: the logits are another model's
+        init = "mae" if model != "densenet121" else "torchvision"
+        headless, report = build_classifier(model, init=init, weights=path,
+                                            **(VIT if model != "densenet121" else {}))
+        assert {"head.weight", "classifier.weight"} & set(report.missing)
+        assert (headless.eval()(x) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("model, make_optimizer", [
+    ("vit_tiny_patch16", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0)),
+    ("densenet121", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+])
+def test_a_three_channel_stem_on_replicated_gray_takes_the_papers_step(model, make_optimizer):
+    """One optimizer step from the same weights and batch. The papers: an RGB stem fed the
+    gray image three times (PIL's convert("RGB")); what reaches a gray pixel is the stem summed
+    over its channels. `in_chans=3` here takes exactly their step; a 1-channel stem holding that
+    sum (same forward pass) moves a third as far. (Weight decay, which shrinks the sum alike
+    in both, is left out; float64, so batch norm over a 1x1 map of 4 images rounds alike.)"""
+    kwargs = {} if model == "densenet121" else VIT
+    first = build_classifier(model, in_chans=3, **kwargs)[0].double()
+    x, y = torch.randn(4, 1, 32, 32).double(), torch.randint(0, 2, (4, 14)).double()
+    stem = first.pretrained_cfg["first_conv"] + ".weight"
+
+    def summed_stem_move(in_chans: int) -> torch.Tensor:
+        net = build_classifier(model, in_chans=in_chans, **kwargs)[0].double()
+        classifier.load_weights(net, first.state_dict(), "the papers' start")  # summed for 1
+        before = net.state_dict()[stem].sum(dim=1)  # [O, k, k], what a gray pixel meets
+        net.train()
+        torch.manual_seed(0)  # the same drop path / dropout draws
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            net(x.expand(-1, in_chans, -1, -1)), y)
+        loss.backward()
+        make_optimizer(net.parameters()).step()
+        return net.state_dict()[stem].sum(dim=1) - before
+
+    papers = summed_stem_move(3)
+    one_channel = summed_stem_move(1)
+    assert torch.allclose(papers, 3 * one_channel, rtol=1e-6, atol=1e-9)
+    assert papers.norm() / one_channel.norm() == pytest.approx(3.0, rel=1e-6)

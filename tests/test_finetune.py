@@ -1,5 +1,6 @@
 """Fine-tuning through the engine: layer-wise LR decay, one test pass, reload, label shares."""
 
+import argparse
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -7,17 +8,23 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 from fastai.callback.core import Callback
 
 from cxr_lib import finetune as ft
+from cxr_lib.cli import main
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import (
+    PAPER_EVAL_CROP,
+    PAPER_NORMALISE,
     TEST_SCORES,
     FinetuneRecipe,
     MultiLabelMixup,
     encoder_file,
+    evaluate_weights,
     finetune,
+    finetune_augment,
     label_subset,
     paper_config,
 )
@@ -219,3 +226,68 @@ def test_a_finished_run_loads_its_best_classifier_without_training(cache, tmp_pa
     assert rows.tolist() == cache.split_indices("val").tolist()
     assert mean_auc(scores, cache.labels[rows])[0] == pytest.approx(result.valid_auc)
 
+
+
+def test_the_papers_rgb_input_and_view_are_options_that_leave_default_runs_named_as_before(
+        cache):
+    old = {**dataclasses.asdict(RECIPE), "weights": None}  # the identity before the options
+    for name in ("in_chans", "eval_crop"):
+        del old[name]
+    assert RECIPE.identity(None) == old  # so the book's finished runs keep their folders
+    theirs = dataclasses.replace(RECIPE, in_chans=3, eval_crop=PAPER_EVAL_CROP)
+    assert theirs.identity(None)["in_chans"] == 3 and theirs.identity(None)["eval_crop"] == 0.875
+    x = torch.from_numpy(np.array(cache.images[:4]))[:, None]  # [4, 1, 32, 32] uint8
+    augment = finetune_augment(cache, theirs)
+    view = augment(x, torch.Generator().manual_seed(0))
+    assert view.shape == (4, 3, 32, 32) and torch.equal(view[:, 0], view[:, 2])
+    plain = augment.plain(x)  # the central 28 of 32 px (224 of 256), resized to 32
+    whole = finetune_augment(cache, RECIPE).plain(x)
+    assert plain.shape == (4, 3, 32, 32) and not torch.allclose(plain[:, :1], whole)
+
+
+def released_vit_file(path, img_size: int) -> torch.nn.Module:
+    """A fine-tuned ViT-tiny in Xiao et al.'s released layout (see tests/test_classifier.py),
+    random weights."""
+    torch.manual_seed(6)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=14,
+                            in_chans=3, global_pool="avg", img_size=img_size, patch_size=8)
+    torch.save({"model": net.state_dict(), "epoch": 74,
+                "args": argparse.Namespace(nb_classes=14)}, path)
+    return net.eval()
+
+
+def test_a_released_classifier_is_scored_per_finding_with_the_papers_evaluation(tmp_path,
+                                                                                 capsys):
+    """Their evaluation, from its description: the gray PNG as RGB, Resize(256) and
+    CenterCrop(224) (on a 64-px cache: the central 56 px), their mean and std, the logits of
+    the released model's 14 outputs in ChestX-ray14's order."""
+    cache64 = chapter_cache(tmp_path, phantom_dataset(60, size=64, seed=2), 64)
+    theirs = released_vit_file(tmp_path / "vit_finetuned.pth", 56)
+    table, report = evaluate_weights(cache64, "vit_tiny_patch16", tmp_path / "vit_finetuned.pth",
+                                     img_size=56, patch_size=8, batch_size=8)
+    assert report.missing == [] and report.unexpected == []
+    rows = cache64.split_indices("test")
+    x = torch.from_numpy(np.array(cache64.images[rows]))[:, None, 4:60, 4:60].float() / 255
+    mean, std = PAPER_NORMALISE
+    with torch.no_grad():
+        scores = theirs(((x - mean) / std).expand(-1, 3, -1, -1)).numpy()
+    expected_mean, expected = mean_auc(scores, cache64.labels[rows])
+    assert table["finding"].tolist() == [*cache64.findings, "mean"]
+    assert np.allclose(table["AUC (%)"][:14], 100 * expected, equal_nan=True)
+    assert table["AUC (%)"].iloc[-1] == pytest.approx(100 * expected_mean)
+    assert table.attrs == {"images": len(rows), "split": "test"}
+    main(["evaluate", "--data", str(cache64.path), "--model", "vit_tiny_patch16", "--weights",
+          str(tmp_path / "vit_finetuned.pth"), "--image-size", "56", "--patch-size", "8"])
+    out = capsys.readouterr().out
+    assert f"test AUC (%) on {len(rows)} images" in out and "Hernia" in out
+    assert f"{100 * expected_mean:.2f}" in out.splitlines()[-1]
+
+
+def test_a_three_channel_run_trains_and_reloads_with_its_stem(cache, tmp_path):
+    result = finetune(cache, dataclasses.replace(RECIPE, in_chans=3), CONFIG, tmp_path,
+                      progress=False)
+    assert result.model.patch_embed.proj.weight.shape[1] == 3
+    model, augment = ft.load_finetuned(result.run.path, cache)
+    assert augment.channels == 3 and model.patch_embed.proj.weight.shape[1] == 3
+    scores, rows = ft.split_scores(result.run.path, cache)
+    assert mean_auc(scores, cache.labels[rows])[0] == pytest.approx(result.valid_auc)

@@ -15,18 +15,24 @@ loads its starting weights, whatever layout they were saved in:
 - "torchvision": DenseNet-121 / ResNet-50 weights in torchvision's layout, such as the X-ray
   DenseNet-121 Xiao et al. released (torchvision's keys are timm's, bar the pre-0.4 dotted
   `norm.1` names, which timm's filter renames).
+- "finetuned": a whole fine-tuned classifier, head included, such as the fine-tuned ViTs and
+  DenseNet-121 Xiao et al. released (`{"model": ...}` as their script saves it; a ViT with
+  average pooling and `fc_norm`, or torchvision's DenseNet): it loads every key, so its logits
+  are the released model's. Only this start keeps the source's classifier.
 
-Whatever the source: the classifier of the source is dropped, a 3-channel first convolution is
-summed to one channel (timm's `adapt_input_conv`), a ViT's patch kernel of another size is
-resampled (FlexiViT, timm) and its position table is regenerated when it is MAE's fixed sin-cos
-table, interpolated otherwise (Hiera's learned table too, to the grid of `hiera_kwargs(img_size)`).
+Whatever the source: the classifier of the source is dropped (but for "finetuned"), a first
+convolution of another channel count is adapted (`adapt_input_channels`: 3 summed to one, or 1
+split over 3), a ViT's patch kernel of another size is resampled (FlexiViT, timm) and its
+position table is regenerated when it is MAE's fixed sin-cos table, interpolated otherwise
+(Hiera's learned table too, to the grid of `hiera_kwargs(img_size)`).
 Hiera files in the official layout get timm's `checkpoint_filter_fn` renames. A tensor whose
 shape still does not fit is an error naming the file: loading half a model silently is the worst
 outcome. ViTs pool the patch tokens (MAE's fine-tuning head: average, then a fresh LayerNorm), so
 a pre-trained final `norm` is reported unexpected, as in MAE's own fine-tuning; a loaded ViT's
-head starts at N(0, 2e-5), as there. Hiera's timm head (average, `head.norm`, `head.fc`) starts
-fresh from an MAE, with timm's Hiera initialisation. ViTs and Hiera take layer-wise LR decay
-(`supports_layer_decay`: timm's `param_groups_layer_decay` reads their `group_matcher`).
+head starts at N(0, 2e-5), as there (a "finetuned" one keeps its own). Hiera's timm head
+(average, `head.norm`, `head.fc`) starts fresh from an MAE, with timm's Hiera initialisation.
+ViTs and Hiera take layer-wise LR decay (`supports_layer_decay`: timm's
+`param_groups_layer_decay` reads their `group_matcher`).
 """
 
 from __future__ import annotations
@@ -39,20 +45,26 @@ import timm
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm.models import adapt_input_conv, load_state_dict
+from timm.models import load_state_dict
 from timm.models.densenet import _filter_torchvision_pretrained
 from timm.models.hiera import Hiera, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from cxr_lib.models.hiera_mae import HIERA_PRESETS, PATCH_STRIDE, hiera_kwargs
-from cxr_lib.models.mae import PRESETS, LoadReport, is_decoder_key, sincos_pos_embed
+from cxr_lib.models.mae import (
+    PRESETS,
+    LoadReport,
+    adapt_input_channels,
+    is_decoder_key,
+    sincos_pos_embed,
+)
 
-INITS = ("random", "imagenet", "mae", "moco", "torchvision")
+INITS = ("random", "imagenet", "mae", "moco", "torchvision", "finetuned")
 CNNS = ("densenet121", "resnet50")
 VITS = tuple(preset.timm_name for preset in PRESETS.values())
 HIERAS = tuple(HIERA_PRESETS.values())
-NEEDS_FILE = ("mae", "moco", "torchvision")
+NEEDS_FILE = ("mae", "moco", "torchvision", "finetuned")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -98,7 +110,7 @@ def build_classifier(model: str, *, num_classes: int = 14, in_chans: int = 1,
     state = read_state_dict(path)  # before building: a bad file fails fast
     net = _create(name, num_classes, in_chans, img_size, patch_size, drop_path)
     report = load_weights(net, _source_layout(state, init, net), str(path))
-    if isinstance(net, VisionTransformer):
+    if isinstance(net, VisionTransformer) and init != "finetuned":
         nn.init.trunc_normal_(net.head.weight, std=2e-5)  # MAE's fine-tuning head
     return net, report
 
@@ -200,13 +212,16 @@ def _source_layout(state: dict[str, Tensor], init: str, net: nn.Module) -> dict[
     if init == "moco" and any(k.startswith("encoder_q.") for k in state):
         state = {k.removeprefix("encoder_q."): v for k, v in state.items()
                  if k.startswith("encoder_q.")}
-    if init == "torchvision":
+    if init == "torchvision" or (init == "finetuned" and net.pretrained_cfg.get(
+            "architecture") in CNNS):
         state = _filter_torchvision_pretrained(dict(state))
     if isinstance(net, Hiera):
         state = checkpoint_filter_fn(state, net)  # official names (norm, head.projection)
     if hasattr(net, "encoder_norm"):  # a HieraMae: its own norm, which timm calls head.norm
         state = {f"encoder_norm.{k.removeprefix('head.norm.')}" if k.startswith("head.norm.")
                  else k: v for k, v in state.items()}
+    if init == "finetuned":
+        return state
     head = net.pretrained_cfg["classifier"] + "."
     return {k: v for k, v in state.items() if not k.startswith(head)}
 
@@ -255,6 +270,6 @@ def _fit(net: nn.Module, key: str, value: Tensor, report: LoadReport) -> Tensor:
         if value.shape[2:] != target.shape[2:] and isinstance(net, VisionTransformer):
             value = resample_patch_embed(value, list(target.shape[2:]))
         if value.shape[1] != target.shape[1]:
-            value = adapt_input_conv(target.shape[1], value, base_chans=value.shape[1])
+            value = adapt_input_channels(value, target.shape[1])
         report.adapted.append(key)
     return value
