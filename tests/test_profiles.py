@@ -186,3 +186,18 @@ NOTEBOOKS = sorted((repo_root() / "notebooks").glob("*.ipynb"))
 def test_papermill_parses_every_parameter_a_chapter_declares(stem):
     seen = set(papermill.inspect_notebook(str(repo_root() / "notebooks" / f"{stem}.ipynb")))
     assert seen == notebook_parameters(stem)
+
+
+def test_the_paper_profile_takes_xiao_et_als_settings_and_the_small_ones_keep_one_channel(
+        monkeypatch):
+    """Their MAE batch (256 x 8 GPUs), MoCo's head width, their RGB input and evaluation view."""
+    monkeypatch.setenv("CXR_NIH_ROOT", "/data/ChestX-ray14")
+    paper = load_profile("paper").chapters
+    mae = paper["02_mae_pretraining"]
+    assert mae["batch_size"] == 2048 and mae["base_lr"] * mae["batch_size"] / 256 == 1.2e-3
+    assert paper["03_moco_baselines"]["hidden_dim"] is None  # the backbone's width
+    assert paper["04_finetuning_ablations"]["eval_crop"] == 224 / 256
+    for chapter in ("02_mae_pretraining", "03_moco_baselines", "04_finetuning_ablations"):
+        assert paper[chapter]["in_chans"] == 3
+        for small in ("smoke", "cpu"):
+            assert "in_chans" not in load_profile(small).chapters[chapter]  # the default, 1
