@@ -45,7 +45,7 @@ class MaeRecipe:
 
     Defaults are the X-ray recipe of Xiao et al.: mask 90% of the patches and crop between
     50% and 100% of the image; the natural-image MAE uses 75% and 20-100%. `in_chans=3` is
-    their input too (the gray image replicated to RGB, three pixels predicted per pixel); the
+    their input too (the gray image replicated to RGB, three values predicted per pixel); the
     default 1 gives the same forward pass with a third of the summed stem's step size.
     """
 

@@ -1,6 +1,7 @@
 """MAE pre-training on a cache through the engine: runs, reuse, the probe and the saved encoder."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from cxr_lib import runs
 from cxr_lib.augment import pixel_stats, split_stats
 from cxr_lib.cli import main
 from cxr_lib.data.phantoms import phantom_dataset
@@ -223,3 +225,19 @@ def test_pretraining_can_continue_from_a_weights_file(cache, tmp_path):
     assert torch.allclose(pre.mae.patch_embed.proj.weight.detach(), summed, atol=1e-5)
     plain = pretrain_mae(cache, RECIPE, config, tmp_path / "runs", progress=False)
     assert plain.run.path != pre.run.path
+
+
+def test_rgb_input_pretrains_the_papers_mae_and_leaves_default_runs_named_as_before(cache,
+                                                                                    tmp_path):
+    """in_chans=3: the gray crops replicated to RGB, a 3-channel patch projection and three
+    predicted values per pixel, as Xiao et al.'s MAE; at 1 the run hash is the earlier one."""
+    old = dataclasses.asdict(RECIPE)
+    del old["in_chans"], old["init_weights"]
+    assert RECIPE.identity() == old
+    rgb = dataclasses.replace(RECIPE, in_chans=3)
+    pre = pretrain_mae(cache, rgb, dataclasses.replace(CONFIG, epochs=1), tmp_path,
+                       progress=False)
+    assert pre.mae.patch_embed.proj.weight.shape[1] == 3
+    assert pre.mae.decoder_pred.out_features == 8 * 8 * 3
+    config = json.loads((pre.run.path / runs.CONFIG).read_text())
+    assert pre.augment.channels == 3 and config["extra"]["recipe"]["in_chans"] == 3
