@@ -9,7 +9,7 @@ from test_browser import check_book_in_browser
 from test_chapters import CHAPTERS, ROOT, assert_reads_cleanly
 
 from cxr_lib.book import build_book
-from cxr_lib.published import published_chestxray14
+from cxr_lib.published import published_chestxray14, published_for
 
 EDITION = ROOT / "book" / "chapters"
 
@@ -26,6 +26,13 @@ def test_published_table_holds_the_papers_headline_numbers():
     tested = table.set_index("source")["tested on"]
     assert set(tested["Xiao et al. 2023"]) == {"the official test split (25,596 images)"}
     assert "last third" in tested["Deutch and Levin (MedTransformer)"]
+
+
+def test_a_models_published_rows_are_found_by_this_projects_name():
+    vit = published_for("vit_small_patch16")
+    assert set(vit["pre-training"]) == {"ImageNet, supervised", "ImageNet, MAE", "X-ray MAE"}
+    assert set(published_for("densenet121")["mean AUC (%)"]) == {82.2, 80.6, 81.2}
+    assert published_for("vit_tiny_patch16").empty
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
