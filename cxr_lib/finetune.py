@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from cxr_lib import runs
 from cxr_lib.augment import (
     center_resize,
+    check_crop_scale,
     hflip,
     random_resized_crop,
     random_rotate,
@@ -138,6 +139,9 @@ class FinetuneAugment:
     std: float
     randaug: RandAugment | None = None
     rotation: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.scale)
 
     def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """uint8 [B, 1, H, W] -> float [B, 1, size, size], freshly augmented."""
