@@ -3,7 +3,8 @@
 them as the full data sets."""
 
 import fnmatch
-import tomllib
+
+import pytest
 
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.nih import read_chestxray14
@@ -12,6 +13,7 @@ from cxr_lib.profiles import repo_root
 
 
 def test_every_shipped_file_is_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
     config = tomllib.loads((repo_root() / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["cxr_lib.data.samples"]
     files = [p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*")
