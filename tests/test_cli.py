@@ -89,3 +89,29 @@ def test_finetune_options_left_out_come_from_the_profile_and_none_turns_a_settin
     assert off.layer_decay is None and off.randaug_magnitude is None
     assert _finetune_recipe("--randaug", "3")[0].randaug_magnitude == 3.0
     assert _finetune_recipe("--epochs", "3")[1].epochs == 3
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--size", "0"], "size must be a whole number >= 1, got 0"),
+    (["--size", "-8"], "size must be a whole number >= 1, got -8"),
+    (["--size", "8"], "phantom size must be at least 16 pixels, got 8"),
+    (["--count", "0"], "count must be a whole number >= 1, got 0"),
+    (["--workers", "0"], "workers must be a whole number >= 1, got 0"),
+    (["--workers", "-2"], "workers must be a whole number >= 1, got -2"),
+    (["--val-fraction", "1.5"], r"val_fraction must be in \[0, 1\), got 1.5"),
+    (["--seed", "-1"], "seed must be a whole number >= 0, got -1"),
+])
+def test_a_prepare_option_out_of_range_is_refused_before_anything_is_made(
+        tmp_path, options, message):
+    with pytest.raises(SystemExit, match=f"^cxr: error: {message} \\(ValueError at "):
+        main(["data", "prepare", "--source", "phantom", "--count", "4", "--out",
+              str(tmp_path / "out"), *options])
+    assert list(tmp_path.iterdir()) == []  # no cache, no .partial folder, no lock file
+
+
+def test_a_size_of_zero_for_real_images_is_refused_before_anything_is_made(tmp_path):
+    """It used to decode into a .partial folder and end in a ZeroDivisionError."""
+    with pytest.raises(SystemExit, match="^cxr: error: size must be a whole number >= 1, got 0"):
+        main(["data", "prepare", "--source", "chestxray14", "--root",
+              str(sample("nih-cxr14-fullres")), "--size", "0", "--out", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []

@@ -42,7 +42,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm  # text bars: they render in the static book without widget JavaScript
 
-from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint
+from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint, check_whole
 
 try:
     import fcntl  # POSIX; on Windows preparation goes unlocked
@@ -118,9 +118,12 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
     Runs over `workers` processes (default: all available cores), `chunk` images per task.
     An existing finished cache for the same request is returned without work; a partial one
     is resumed. A finished or partial folder made for a different request (other size, ids,
-    metadata or labels) is refused with a DataError saying what differs.
+    metadata or labels) is refused with a DataError saying what differs. Options out of range
+    are refused with a ValueError before anything is made.
     """
     out = Path(out)
+    size, chunk = check_whole("size", size, 1), check_whole("chunk", chunk, 1)
+    workers = _default_workers() if workers is None else check_whole("workers", workers, 1)
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: nothing to cache, the data set is empty")
     plan = _plan_table(dataset)
@@ -134,8 +137,8 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
                             "another output folder")
         partial = out.with_name(out.name + ".partial")
         if not is_complete(partial):
-            _fill(partial, dataset, plan, size=size, workers=workers or _default_workers(),
-                  chunk=chunk, progress=progress)
+            _fill(partial, dataset, plan, size=size, workers=workers, chunk=chunk,
+                  progress=progress)
         else:
             _refuse_if_different(partial, _read_table(partial / "index.parquet"),
                                  _read_json(partial)["size"], plan, size)

@@ -49,6 +49,14 @@ def fail_at_line(path: Path, line: int, message: str) -> NoReturn:
     raise DataError(f"{path}, line {int(line)}: {message}")
 
 
+def check_whole(name: str, value: object, least: int) -> int:
+    """`value` as an int if it is a whole number >= `least`, else a ValueError naming `name`.
+    Options are checked before any work, so that a bad one leaves nothing behind."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to 8-bit grayscale, uint8 [H, W].
 
