@@ -1,5 +1,7 @@
 """The `cxr data` commands on the real samples, and their one-line errors."""
 
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +117,43 @@ def test_a_size_of_zero_for_real_images_is_refused_before_anything_is_made(tmp_p
         main(["data", "prepare", "--source", "chestxray14", "--root",
               str(sample("nih-cxr14-fullres")), "--size", "0", "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []
+
+
+def copy_pediatric(root: Path, per_class: int = 3) -> Path:
+    """A few real pediatric images in the folder-per-class layout, under `root`."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        files = sorted((sample("pediatric-pneumonia-sample") / "train" / cls).iterdir())
+        (root / "train" / cls).mkdir(parents=True)
+        for file in files[:per_class]:
+            shutil.copy(file, root / "train" / cls / file.name)
+    return root
+
+
+@pytest.mark.parametrize("spelling", ["peds", "peds/", "./peds", "../work/peds",
+                                      "peds/train/.."])
+def test_the_same_root_spelt_another_way_is_the_same_request(tmp_path, monkeypatch, capsys,
+                                                             spelling):
+    """The plan table keeps each image's path: one root given absolute, then relative (with
+    `..`, `.` or a trailing slash), must name the same files, so the cache is reused."""
+    root = copy_pediatric(tmp_path / "work" / "peds")
+    out = tmp_path / "cache"
+    prepare = ["data", "prepare", "--source", "folder", "--size", "16", "--out", str(out),
+               "--workers", "1", "--root"]
+    main([*prepare, str(root)])
+    monkeypatch.chdir(root.parent)
+    main([*prepare, spelling])
+    assert "6 images of 16x16" in capsys.readouterr().out
+    assert set(open_cache(out).index["path"]) == {str(p) for p in root.rglob("*.jpeg")}
+
+
+def test_another_root_with_the_same_files_is_still_another_request(tmp_path):
+    first = copy_pediatric(tmp_path / "a" / "peds")
+    other = tmp_path / "b" / "peds"
+    shutil.copytree(first, other)  # same ids (source "peds"), other files
+    out = tmp_path / "cache"
+    prepare = ["data", "prepare", "--source", "folder", "--size", "16", "--out", str(out),
+               "--workers", "1", "--root"]
+    main([*prepare, str(first)])
+    with pytest.raises(SystemExit, match=f"different request \\(path at row 0 is "
+                                         f"'{first}/.*', requested '{other}/"):
+        main([*prepare, str(other)])

@@ -57,6 +57,13 @@ def check_whole(name: str, value: object, least: int) -> int:
     return int(value)
 
 
+def data_root(root: str | Path) -> Path:
+    """A data set root made absolute, without `.`, `..` or symbolic links. Readers build every
+    image's path from it, and a cache request compares those paths (`cxr_lib.data.cache`):
+    the same files must be the same request however the root was spelt."""
+    return Path(root).resolve()
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to 8-bit grayscale, uint8 [H, W].
 
