@@ -21,21 +21,30 @@ run keeps its finished chunks; rerunning the same request skips them. `meta.json
 `complete: true` is written last and the folder is renamed to `out`, so a half-written cache
 is never taken for a finished one. One process prepares a folder at a time (an exclusive lock
 on `<out>.lock`): a second one asking for the same cache, another chapter or another rank,
-waits and then opens the finished cache.
+says which process it waits for, waits, and then opens the finished cache. The workers never
+hold that lock and end with the process that started them, so a killed preparation (even by
+kill -9 of the parent alone) frees its folder at once for the rerun that resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
+import signal
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -51,6 +60,9 @@ except ImportError:  # pragma: no cover
 
 FORMAT = 1
 KEY_COLUMNS = ("id", "patient", "split", "source", "path")  # what the pixels and rows depend on
+_PR_SET_PDEATHSIG = 1  # prctl(2), Linux: a signal the kernel sends when the parent ends
+# Record locks do not exclude two threads of one process: this does, around the file lock.
+_THREADS = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -154,12 +166,38 @@ def _open_finished(out: Path, plan: pd.DataFrame, size: int) -> Cache:
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold the lock of cache folder `out` (`<out>.lock`, kept: removing a lock file races)."""
+    """Hold the lock of cache folder `out` (`<out>.lock`, kept: removing a lock file races).
+
+    A POSIX record lock (lockf), not flock: an flock belongs to the open file, which the forked
+    workers share, so workers orphaned by a kill -9 of this process kept the cache locked. A
+    record lock belongs to this process alone, is never inherited and goes when it ends.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes or the process dies
-        yield
+    with _THREADS, open(out.with_name(out.name + ".lock"), "a+") as handle:
+        if fcntl is None:
+            yield
+            return
+        _lock(handle, out)
+        try:
+            yield
+        finally:
+            handle.truncate(0)  # no stale holder for the next waiter to name
+
+
+def _lock(handle: TextIO, out: Path) -> None:
+    """Take the lock, saying whom it waits for if another process holds it; then sign it."""
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # held by a live process: a dead one's is gone
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        print(f"{out}: waiting for {holder} (it holds {handle.name})", file=sys.stderr,
+              flush=True)
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, preparing it since {since}")
+    handle.flush()
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -278,14 +316,34 @@ def _run(tasks: list[_Chunk], workers: int) -> Iterator[_Chunk]:
         return
     _check_picklable(tasks[0].dataset)
     # Each task carries only its slice of the data set, so no per-worker global state is needed.
-    pool = ProcessPoolExecutor(min(workers, len(tasks)))
+    pool = _pool(min(workers, len(tasks)))
     try:
-        futures = {pool.submit(_decode_chunk, t): t for t in tasks}
+        futures = {pool.submit(_decode_chunk, t, os.getpid()): t for t in tasks}
         for fut in as_completed(futures):
             fut.result()
             yield futures[fut]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes that end with this one. On Linux they are forked, whatever Python's
+    default (a fork server from 3.14): children of this process, so the kernel can end them
+    with it, started in milliseconds, with loaders that a notebook defines itself."""
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(os.getpid(),))
+
+
+def _start_worker(parent: int) -> None:
+    """Pool initializer: be killed when `parent` dies, rather than decode on for minutes as an
+    orphan. The kernel does it on Linux (it watches the thread that forked the worker: the one
+    running prepare_cache, alive as long as the pool); elsewhere `_decode_chunk` checks
+    between images."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
 
 
 def _check_picklable(dataset: XrayDataset) -> None:
@@ -297,11 +355,14 @@ def _check_picklable(dataset: XrayDataset) -> None:
                         "functions, or pass workers=1") from err
 
 
-def _decode_chunk(task: _Chunk) -> None:
-    """Decode, crop and resize one chunk straight into the memory maps, then flush them."""
+def _decode_chunk(task: _Chunk, parent: int | None = None) -> None:
+    """Decode, crop and resize one chunk straight into the memory maps, then flush them.
+    In a worker of process `parent`, stop as soon as that process is gone."""
     images = _map_images(task.folder / "images.npy", "r+")  # [N, S, S]
     orig_hw = np.load(task.folder / "orig_hw.npy", mmap_mode="r+")  # [N, 2]
     for j in range(len(task.dataset)):
+        if parent is not None and os.getppid() != parent:  # an orphan: its work is lost anyway
+            os._exit(1)
         img = _load(task.dataset, j, task.start + j)  # [H, W]
         orig_hw[task.start + j] = img.shape
         images[task.start + j] = to_square(img, task.size)
