@@ -160,6 +160,34 @@ def test_finished_cache_for_same_request_is_returned_without_work(tmp_path):
     np.testing.assert_array_equal(first.images, second.images)
 
 
+def test_identical_content_gives_the_identical_digest_and_other_labels_another(tmp_path):
+    """The digest names what training sees: made at two times, into two folders, from copies
+    of the files in two places, in other chunks, the same pixels and labels give one digest."""
+    first = prepare_cache(png_dataset(tmp_path / "a", 8), tmp_path / "one", size=8, workers=1,
+                          progress=False)
+    time.sleep(1.1)  # another creation time in meta.json
+    second = prepare_cache(png_dataset(tmp_path / "b", 8), tmp_path / "two", size=8, workers=2,
+                           chunk=3, progress=False)
+    metas = [json.loads((c.path / "meta.json").read_text()) for c in (first, second)]
+    assert metas[0]["created"] != metas[1]["created"]
+    assert metas[0]["digest"] == first.digest == second.digest and len(first.digest) == 16
+    relabelled = png_dataset(tmp_path / "b", 8)
+    relabelled.labels[6, 0] = 1 - relabelled.labels[6, 0]  # one label of a test image
+    third = prepare_cache(relabelled, tmp_path / "three", size=8, workers=1, progress=False)
+    assert third.images.tobytes() == first.images.tobytes() and third.digest != first.digest
+
+
+def test_a_cache_made_before_digests_gets_its_digest_computed_with_a_notice(tmp_path, capsys):
+    made = prepare_cache(make_dataset(8), tmp_path / "c", size=8, workers=1, progress=False)
+    meta = json.loads((made.path / "meta.json").read_text())
+    del meta["digest"]
+    (made.path / "meta.json").write_text(json.dumps(meta))
+    old = open_cache(made.path)
+    assert [old.digest, old.digest] == [made.digest] * 2  # computed once, on first use
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and notice[0].startswith(f"{made.path}: made before caches kept")
+
+
 def test_finished_cache_for_other_request_is_refused(tmp_path):
     prepare_cache(make_dataset(8), tmp_path / "c", size=8, workers=1, progress=False)
     with pytest.raises(DataError, match=r"different request \(size 8, requested 16\)"):
@@ -410,6 +438,10 @@ def _bad_label(path: Path) -> None:
     _edit_index(path, 2, "B", 2.0)
 
 
+def _changed_label(path: Path) -> None:
+    _edit_index(path, 3, "A", 1.0 - pd.read_parquet(path / "index.parquet")["A"][3])
+
+
 def _zero_image(path: Path) -> None:
     images = np.load(path / "images.npy", mmap_mode="r+")
     images[5] = 0  # as if its chunk had never been written
@@ -422,6 +454,7 @@ CORRUPTIONS = {
     "leaked patient": (_leak_patient, r"patient 'p0'.* in \['test', 'train'\]"),
     "zeroed image": (_zero_image, r"1 image\(s\) are all zero.*row 5 \(id 'img005'\)"),
     "label value": (_bad_label, "row 2 .* label 2.0 for B"),
+    "changed label": (_changed_label, "images or index differ from when it was made"),
 }
 
 
