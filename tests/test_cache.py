@@ -352,14 +352,15 @@ def test_kill_of_the_parent_alone_stops_its_workers_and_the_rerun_does_not_wait(
 
 
 def test_a_process_waiting_for_the_lock_says_which_process_holds_it(tmp_path, capsys):
+    """It used to wait without a word: now one line names the holder and the lock file."""
     out = tmp_path / "c"
-    proc = start_preparing(out, 40, "slow", workers=1, chunk=4)
+    proc = start_preparing(out, 80, "slow", workers=1, chunk=4)  # 4 s: this one must wait
     try:
         limit = time.monotonic() + 60
         while not done_chunks(out):
             assert proc.poll() is None and time.monotonic() < limit, "no chunk within 60 s"
             time.sleep(0.01)
-        ds = make_dataset(40, source="slow")
+        ds = make_dataset(80, source="slow")
         ds.loaders = {"slow": explode}  # the other process makes it, this one only waits
         cache = prepare_cache(ds, out, size=8, workers=1, progress=False)
     finally:
@@ -367,7 +368,7 @@ def test_a_process_waiting_for_the_lock_says_which_process_holds_it(tmp_path, ca
     waited = capsys.readouterr().err.strip().splitlines()
     assert len(waited) == 1 and waited[0].startswith(f"{out}: waiting for process {proc.pid} on ")
     assert "preparing it since" in waited[0] and "c.lock" in waited[0]
-    assert len(cache) == 40 and proc.returncode == 0
+    assert len(cache) == 80 and proc.returncode == 0
 
 
 def test_resume_into_partial_of_other_request_is_refused(tmp_path):
