@@ -270,6 +270,16 @@ def test_dataset_from_synthetic_root(tmp_path):
     assert ds.load_image(0).tolist() == np.full((8, 8), 100, dtype=np.uint8).tolist()
 
 
+def test_image_paths_do_not_depend_on_how_the_root_is_spelt(tmp_path, monkeypatch):
+    """A cache request compares the paths: `nih`, `./nih/` and `x/../nih` are the same files."""
+    root = make_nih(tmp_path / "nih", TINY, TINY_TRAIN_VAL, TINY_TEST)
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    paths = [read_chestxray14(r).meta["path"].tolist() for r in (root, "nih", "./nih/", "x/../nih")]
+    assert all(p == paths[0] for p in paths)
+    assert paths[0][0] == str(root / "images" / "00000001_000.png")
+
+
 def test_patient_in_both_official_lists_is_refused(tmp_path):
     """Tampered lists: patient 1's first image moved to the test list."""
     train_val = [n for n in TINY_TRAIN_VAL if n != "00000001_000.png"]

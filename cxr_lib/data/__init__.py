@@ -6,6 +6,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    check_whole,
     merge,
     read_image,
 )
@@ -25,7 +26,16 @@ __all__ = [
 def open_source(source: str, root=None, *, val_fraction: float = 0.1, seed: int = 0,
                 count: int = 1000, size: int = 128) -> XrayDataset:
     """Open a data source by name: 'chestxray14', 'folder', 'chexpert' or 'covid19_radiography'
-    (read from `root`), or 'phantom' (`count` synthetic images of `size` pixels; `root` unused)."""
+    (read from `root`), or 'phantom' (`count` synthetic images of `size` pixels; `root` unused).
+
+    Every option is checked first, for every source: a value out of range is a mistake even
+    where this source ignores it, and refusing it here leaves nothing half-made.
+    """
+    check_whole("count", count, 1)
+    check_whole("size", size, 1)
+    check_whole("seed", seed, 0)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if source == "chestxray14":
         from cxr_lib.data.nih import read_chestxray14
 
