@@ -5,7 +5,7 @@ A cache is a folder holding
 - `index.parquet`: one row per image (id, patient, split, source, path, orig_height,
   orig_width, then one float32 column per finding with NaN kept);
 - `meta.json`: findings, size, count, source names, data set name, format version, creation
-  time, the content digest (`content_digest`, what a run's identity names the data by) and
+  time, the content digest (`digest`, by which a run names the data it used) and
   `complete: true`.
 
 Non-square originals are center-cropped to a square on their shorter side, then resized. We
