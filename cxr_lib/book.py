@@ -49,8 +49,10 @@ def chapter_notebooks(folder: Path) -> list[Path]:
 def select_chapters(notebooks: Sequence[Path], selectors: Iterable[int | str] | None
                     ) -> list[Path]:
     """The notebooks picked by chapter numbers (1, "01") or stems ("01_data_curation"), kept in
-    reading order; None or empty picks all."""
-    selectors = list(selectors or [])
+    reading order; None or empty picks all. A string may hold several, comma-separated ("1,2"),
+    as users write them on the command line."""
+    selectors = [part.strip() for selector in selectors or []
+                 for part in str(selector).split(",")]
     if not selectors:
         return list(notebooks)
     chosen: set[Path] = set()

@@ -29,6 +29,7 @@ from cxr_lib.book import (
     stage_site,
     toc_chapters,
 )
+from cxr_lib.cli import main
 from cxr_lib.profiles import ProfileError, repo_root
 
 PARAMETERS = 'seed = 1\ngreeting = "default"\nprofile = None\nwork_dir = None'
@@ -165,6 +166,18 @@ def test_chapters_are_picked_by_number_or_name_in_reading_order():
     assert select_chapters(notebooks, ["02", "notebooks/02_b.ipynb"]) == [notebooks[1]]
     with pytest.raises(ProfileError, match=r"no chapter '3'; chapters: 01_a, 02_b, 10_c"):
         select_chapters(notebooks, ["3"])
+
+
+def test_chapters_may_be_separated_by_commas_as_well_as_spaces(monkeypatch):
+    notebooks = [Path(f"nb/{stem}.ipynb") for stem in ("01_a", "02_b", "10_c")]
+    assert select_chapters(notebooks, ["1,2"]) == notebooks[:2]
+    assert select_chapters(notebooks, ["10_c, 1", "2"]) == notebooks
+    with pytest.raises(ProfileError, match=r"no chapter '3'"):
+        select_chapters(notebooks, ["1,3"])
+    ran = []
+    monkeypatch.setattr("cxr_lib.book.run_chapter", lambda nb, parameters, out: ran.append(nb.stem))
+    main(["book", "run", "--profile", "smoke", "--chapters", "1,2", "4"])
+    assert ran == ["01_data_curation", "02_mae_pretraining", "04_finetuning_ablations"]
 
 
 def test_toc_filter_keeps_present_chapters_and_drops_empty_parts():
