@@ -148,6 +148,31 @@ def test_failing_chapter_names_chapter_and_cell_and_keeps_good_output(tmp_path, 
     assert not (repo / "book" / "chapters").exists()
 
 
+def test_build_refuses_a_chapter_whose_last_run_failed_until_it_succeeds(tmp_path, monkeypatch):
+    """The older good copy of a chapter that then failed must not be rendered as current, nor
+    published."""
+    repo = make_repo(tmp_path, "shared: {greeting: hi}\n")
+    chapter = repo / "notebooks" / "01_data_curation.ipynb"
+    write_notebook(chapter, "One", "value = 1")
+    run_book("tiny", repo=repo)
+    write_notebook(chapter, "One", "value = 1 / 0")
+    with pytest.raises(ChapterError):
+        run_book("tiny", repo=repo, publish=True)
+    assert not (repo / "book" / "chapters").exists()
+    out = repo / "build" / "tiny" / "chapters"
+    assert (out / "01_data_curation.ipynb").is_file()  # the older good run, kept to compare
+    monkeypatch.setattr("cxr_lib.book.repo_root", lambda: repo)
+    with pytest.raises(SystemExit, match=(
+            r"^cxr: error: the last run of chapter 01_data_curation failed \(\S*/build/tiny/"
+            r"chapters/01_data_curation\.failed\.ipynb\): fix it and run `cxr book run "
+            r"--profile tiny --chapters 01_data_curation`.*\(BookError at book\.py:\d+\)$")):
+        main(["book", "build", "--profile", "tiny"])
+    write_notebook(chapter, "One", "value = 2")
+    run_book("tiny", repo=repo)
+    assert not (out / "01_data_curation.failed.ipynb").exists()
+    assert stage_site(repo, out, tmp_path / "site") == ["01_data_curation"]
+
+
 def test_missing_data_folder_fails_before_any_chapter_runs(tmp_path):
     repo = make_repo(tmp_path, "shared: {data_root: null}\n")
     write_notebook(repo / "notebooks" / "01_ok.ipynb", "OK", "pass")
