@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="cpu", help="profile name or YAML path")
     run.add_argument("--data-root", type=Path, help="ChestX-ray14 root (or the NIH sample)")
     run.add_argument("--pediatric-root", type=Path, help="pediatric pneumonia root")
-    run.add_argument("--chapters", nargs="+", help="chapter numbers or names (default: all)")
+    run.add_argument("--chapters", nargs="+",
+                     help="chapter numbers or names, by spaces or commas (default: all)")
     run.add_argument("--publish", action="store_true",
                      help="also copy the executed notebooks into book/ (the published edition)")
     run.set_defaults(func=_book_run)
