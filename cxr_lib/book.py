@@ -266,15 +266,19 @@ def stage_site(repo: Path, chapters: Path, site: Path, *, how_to_run: str = "cxr
 
 
 def _refuse_failed(chapters: Path, how_to_run: str) -> None:
-    """Refuse to render a folder holding a <stem>.failed.ipynb: the chapter's last run failed,
-    so the book would show its older good run as current (or silently leave it out). A run
-    that succeeds deletes the .failed copy (`run_chapter`), which lifts the refusal."""
-    failed = sorted(chapters.glob(CHAPTER_GLOB.replace(".ipynb", ".failed.ipynb")))
-    if failed:
-        stems = ",".join(path.name.removesuffix(".failed.ipynb") for path in failed)
-        raise BookError(f"the last run of chapter {stems} failed ({', '.join(map(str, failed))})"
-                        f": fix it and run `{how_to_run} --chapters {stems}`, or delete the "
-                        f".failed notebook to build the book without that run")
+    """Refuse to render a folder holding a <stem>.failed.ipynb or <stem>.running.ipynb: the
+    chapter's last run failed, or was killed (or is still running), so the book would show its
+    older good run as current (or silently leave it out). A run that succeeds deletes the
+    .failed copy and renames the .running one into place (`run_chapter`), which lifts it."""
+    for state, said in (("failed", "failed"), ("running", "did not finish (killed, or still "
+                                                          "running)")):
+        left = sorted(chapters.glob(CHAPTER_GLOB.replace(".ipynb", f".{state}.ipynb")))
+        if left:
+            stems = ",".join(path.name.removesuffix(f".{state}.ipynb") for path in left)
+            raise BookError(f"the last run of chapter {stems} {said} "
+                            f"({', '.join(map(str, left))}): fix it and run `{how_to_run} "
+                            f"--chapters {stems}`, or delete the .{state} notebook to build "
+                            "the book without that run")
 
 
 def read_toc(path: Path) -> dict[str, Any]:

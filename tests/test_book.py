@@ -8,8 +8,12 @@ render with zero warnings.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -170,6 +174,34 @@ def test_build_refuses_a_chapter_whose_last_run_failed_until_it_succeeds(tmp_pat
     write_notebook(chapter, "One", "value = 2")
     run_book("tiny", repo=repo)
     assert not (out / "01_data_curation.failed.ipynb").exists()
+    assert stage_site(repo, out, tmp_path / "site") == ["01_data_curation"]
+
+
+def test_build_refuses_a_chapter_whose_run_was_killed(tmp_path, monkeypatch):
+    """kill -9 of `cxr book run` mid-chapter leaves <stem>.running.ipynb: the older good copy
+    must not be rendered as current either."""
+    repo = make_repo(tmp_path, "shared: {greeting: hi}\n")
+    chapter = repo / "notebooks" / "01_data_curation.ipynb"
+    write_notebook(chapter, "One", "value = 1")
+    run_book("tiny", repo=repo)
+    write_notebook(chapter, "One", "import time\ntime.sleep(120)")
+    script = f"from cxr_lib.book import run_book; run_book('tiny', repo={str(repo)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    out = repo / "build" / "tiny" / "chapters"
+    running = out / "01_data_curation.running.ipynb"
+    deadline = time.monotonic() + 120
+    while not running.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, as a kill -9 of the job
+    proc.wait()
+    monkeypatch.setattr("cxr_lib.book.repo_root", lambda: repo)
+    with pytest.raises(SystemExit, match=r"^cxr: error: the last run of chapter "
+                       r"01_data_curation did not finish \(killed, or still running\)"):
+        main(["book", "build", "--profile", "tiny"])
+    write_notebook(chapter, "One", "value = 2")
+    run_book("tiny", repo=repo)
+    assert not running.exists()
     assert stage_site(repo, out, tmp_path / "site") == ["01_data_curation"]
 
 
