@@ -129,26 +129,28 @@ def mix_stats(cache: Cache, weights: Mapping[str, float], split: str = "train",
 
 # MedTransformer's recipes. Its MAE: Adam, one-cycle to a peak of 1e-4, batch 64, 60% of the
 # mask units hidden. Its fine-tuning: Adam, one-cycle to 1e-4, batch 64, 10 epochs, weight decay
-# 1e-8, random rotations of up to 30 degrees. Our learning rate is base_lr x batch / 256.
+# 1e-8, random rotations of up to 30 degrees. Both one-cycles are torch's OneCycleLR with its
+# defaults (`train.torch_one_cycle`). Our learning rate is base_lr x batch / 256.
 MEDTRANSFORMER_MASK_RATIO = 0.6
 
 
 # MedTransformer's scripts use torch's Adam as it comes: betas (0.9, 0.999), not the (0.9, 0.95)
 # of MAE's AdamW that TrainConfig defaults to.
 _ADAM_BETAS = (0.9, 0.999)
+_ONE_CYCLE = {"schedule": "torch_one_cycle", "pct_start": 0.3}  # torch's OneCycleLR defaults
 
 
 def medtransformer_pretrain_config(**changes) -> TrainConfig:
     """MedTransformer's MAE optimiser and schedule; `changes` override (e.g. epochs)."""
     base = TrainConfig(batch_size=64, base_lr=1e-4 * 256 / 64, optimizer="adam",
-                       betas=_ADAM_BETAS, schedule="one_cycle", weight_decay=0.0)
+                       betas=_ADAM_BETAS, **_ONE_CYCLE, weight_decay=0.0)
     return dataclasses.replace(base, **changes)
 
 
 def medtransformer_finetune_config(**changes) -> TrainConfig:
     """MedTransformer's fine-tuning optimiser and schedule; `changes` override."""
     base = TrainConfig(epochs=10, batch_size=64, base_lr=1e-4 * 256 / 64, optimizer="adam",
-                       betas=_ADAM_BETAS, schedule="one_cycle", weight_decay=1e-8,
+                       betas=_ADAM_BETAS, **_ONE_CYCLE, weight_decay=1e-8,
                        keep_best="valid_auc")
     return dataclasses.replace(base, **changes)
 

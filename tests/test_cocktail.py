@@ -153,10 +153,11 @@ def test_the_mae_continues_hieras_imagenet_mae_not_its_fine_tuned_classifier(mon
 
 def test_presets_are_medtransformers_recipes():
     pre = medtransformer_pretrain_config(epochs=3)
-    assert (pre.optimizer, pre.schedule, pre.batch_size, pre.epochs) == ("adam", "one_cycle",
-                                                                         64, 3)
-    assert pre.lr == pytest.approx(1e-4)
     fine = medtransformer_finetune_config()
+    assert (pre.optimizer, pre.schedule, pre.batch_size, pre.epochs) == (
+        "adam", "torch_one_cycle", 64, 3)
+    assert pre.pct_start == fine.pct_start == 0.3  # torch's OneCycleLR as it comes
+    assert pre.lr == pytest.approx(1e-4)
     assert (fine.epochs, fine.batch_size, fine.weight_decay) == (10, 64, 1e-8)
     assert fine.lr == pytest.approx(1e-4) and fine.optimizer == "adam"
     assert pre.betas == fine.betas == (0.9, 0.999)  # torch's Adam as it comes
