@@ -29,7 +29,7 @@ from cxr_lib.data.covid import read_covid_radiography
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.evaluate import paired_comparison
+from cxr_lib.evaluate import mean_auc, paired_comparison
 from cxr_lib.finetune import FinetuneRecipe
 from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
 from cxr_lib.pretrain import HeldoutErrors
@@ -170,6 +170,84 @@ def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:
     base = FinetuneRecipe(model="hiera_tiny", layer_decay=None, drop_path=0.0,
                           randaug_magnitude=None, crop_scale=(1.0, 1.0), rotation=30.0)
     return dataclasses.replace(base, **changes)
+
+
+# MedTransformer's views: every image resized to 256 and its central 224 cropped, normalised
+# with fixed per-channel statistics of its pre-training pool (its `utils.FolderDataset`), for
+# pre-training and fine-tuning alike. Ours: the whole image, the statistics of the mix drawn.
+MEDTRANSFORMER_CROP = 224 / 256
+MEDTRANSFORMER_STATS = ((0.5163, 0.5011, 0.5025), (0.2222, 0.2245, 0.2256))  # (RGB means, stds)
+NORMALISATIONS = ("mix", "medtransformer")
+
+
+def center_cropped(cache: Cache, keep: float) -> Cache:
+    """The cache with its images cut to their central `keep` share of a side (a view of the
+    same pixels): MedTransformer's resize to 256 then crop of 224 is `keep` 0.875 of a 256 px
+    cache. The name and size change, so the runs on it are other runs."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"center_crop must lie in (0, 1], got {keep}")
+    side = round(cache.size * keep)
+    if side == cache.size:
+        return cache
+    lo = (cache.size - side) // 2
+    return dataclasses.replace(cache, name=f"{cache.name}+center{side}", size=side,
+                               images=cache.images[:, lo:lo + side, lo:lo + side])
+
+
+def normalisation(name: str, cache: Cache, weights: Mapping[str, float]) -> tuple[float, float]:
+    """Mean and std (0..1) to normalise with: "mix", ours (`mix_stats` of the mix as drawn), or
+    "medtransformer", its fixed statistics, their three channels averaged for our one (its
+    X-rays are grey images copied to RGB; the channels differ only through the colour images
+    of its pool)."""
+    if name not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {name!r}: expected one of {NORMALISATIONS}")
+    if name == "mix":
+        return mix_stats(cache, weights)
+    return tuple(round(float(np.mean(v)), 4) for v in MEDTRANSFORMER_STATS)
+
+
+# MedTransformer's label set and scoring, offered beside ours (its table's 81.6 is scored so).
+NO_FINDING = "No Finding"
+LABEL_SETS = ("findings", "medtransformer")  # the 14 findings; those and No Finding
+
+
+def with_no_finding(cache: Cache) -> Cache:
+    """The cache with MedTransformer's 15th label, "No Finding": 1 where every finding is
+    stated absent, 0 where one is present, NaN otherwise. Its script trains and scores it with
+    the 14 findings (its report's mean includes No Finding's AUC). The name changes too, so a
+    run on these labels is another run."""
+    present = np.nan_to_num(cache.labels, nan=0.0).max(axis=1)  # [N], 1 if any finding
+    none = (cache.labels == 0).all(axis=1)  # [N], every finding stated absent
+    no_finding = np.where(none, 1.0, np.where(present == 1, 0.0, np.nan)).astype(np.float32)
+    return dataclasses.replace(cache, name=f"{cache.name}+no-finding",
+                               findings=[*cache.findings, NO_FINDING],
+                               labels=np.column_stack([cache.labels, no_finding]))
+
+
+def label_set(cache: Cache, name: str) -> Cache:
+    """The fine-tuning labels a profile names: "findings" (ours, the cache's as they are) or
+    "medtransformer" (`with_no_finding`)."""
+    if name not in LABEL_SETS:
+        raise ValueError(f"unknown label set {name!r}: expected one of {LABEL_SETS}")
+    return with_no_finding(cache) if name == "medtransformer" else cache
+
+
+def medtransformer_scores(logits: np.ndarray) -> np.ndarray:
+    """Scores [N, F] as MedTransformer's evaluation computes them from logits [N, F]: its
+    Hiera's head (facebookresearch/hiera's) applies a softmax over the outputs in eval mode,
+    and its script a sigmoid after that. Each label's score then depends on every other
+    output, so its AUCs differ from those of one sigmoid per label (ours)."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))  # [N, F]
+    return 1 / (1 + np.exp(-z / z.sum(axis=1, keepdims=True)))
+
+
+def auc_both_ways(logits: np.ndarray, targets: np.ndarray, findings: Sequence[str]
+                  ) -> tuple[float, float]:
+    """Mean AUC as this study scores it (a sigmoid per label; the findings, No Finding left
+    out) and as MedTransformer does (`medtransformer_scores`; every output, No Finding in)."""
+    ours = [j for j, name in enumerate(findings) if name != NO_FINDING]
+    return (mean_auc(logits[:, ours], targets[:, ours])[0],
+            mean_auc(medtransformer_scores(logits), targets)[0])
 
 
 # ----------------------------------------------------------------------------- verdicts
