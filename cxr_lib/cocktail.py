@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cxr_lib.augment import pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
@@ -30,7 +31,7 @@ from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.evaluate import mean_auc, paired_comparison
-from cxr_lib.finetune import FinetuneRecipe
+from cxr_lib.finetune import TEST_SCORES, FinetuneRecipe
 from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
 from cxr_lib.pretrain import HeldoutErrors
 from cxr_lib.report import names
@@ -248,6 +249,15 @@ def auc_both_ways(logits: np.ndarray, targets: np.ndarray, findings: Sequence[st
     ours = [j for j, name in enumerate(findings) if name != NO_FINDING]
     return (mean_auc(logits[:, ours], targets[:, ours])[0],
             mean_auc(medtransformer_scores(logits), targets)[0])
+
+
+def stored_test_aucs(run_dir: str | Path, cache: Cache) -> tuple[float, float]:
+    """A finished fine-tuning run's test AUC scored both ways (`auc_both_ways`), from the test
+    scores it stored, matched to the labels of `cache` (the run's labels) by image id."""
+    scores = pd.read_parquet(Path(run_dir) / TEST_SCORES)
+    row_of = pd.Series(np.arange(len(cache)), index=cache.index["id"].to_numpy())
+    rows = row_of[scores["id"]].to_numpy()  # [N]
+    return auc_both_ways(scores[cache.findings].to_numpy(), cache.labels[rows], cache.findings)
 
 
 # ----------------------------------------------------------------------------- verdicts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +371,14 @@ def test_medtransformers_fixed_statistics_or_ours_of_the_mix(cache):
     assert cocktail.normalisation("medtransformer", cache, weights) == (0.5066, 0.2241)
     with pytest.raises(ValueError, match="unknown normalisation 'imagenet'"):
         cocktail.normalisation("imagenet", cache, weights)
+
+
+def test_a_runs_stored_test_scores_are_scored_both_ways_by_image_id(cache, tmp_path):
+    rows = np.array([3, 0, 44, 12, 40])  # dark rows are 0-39, bright 40-49
+    logits = np.array([[0.1], [0.4], [2.0], [-1.0], [0.9]])
+    labelled = dataclasses.replace(cache, labels=(np.arange(50) >= 40).astype(np.float32)[:, None])
+    table = pd.DataFrame({"id": cache.index["id"].to_numpy()[rows], "Pneumonia": logits[:, 0]})
+    table.to_parquet(tmp_path / cocktail.TEST_SCORES)
+    assert cocktail.stored_test_aucs(tmp_path, labelled) == auc_both_ways(
+        logits, labelled.labels[rows], ["Pneumonia"])
+    assert cocktail.stored_test_aucs(tmp_path, labelled)[0] == 1.0
