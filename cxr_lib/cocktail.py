@@ -8,6 +8,10 @@ draws its images so that source s makes up `weight_s / sum(weights)` of the draw
 images it holds. The normalisation of the mix follows from the sources' own statistics and the
 same shares, so it describes what the encoder actually sees.
 
+Where MedTransformer's choices differ from ours, both are here under names a profile picks:
+its views (the central 224 of 256, `center_cropped`), its fixed statistics (`normalisation`),
+its 15 labels (`with_no_finding`) and its scoring (`medtransformer_scores`).
+
 The chapter's verdicts are here too: they rank arms only where the gaps exceed the noise, and
 judge the encoders as painters only once they paint better than a blank prediction.
 """

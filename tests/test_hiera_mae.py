@@ -332,3 +332,21 @@ def test_the_released_mae_checkpoint_continues_whole(tmp_path):
     assert report.missing == [] and report.unexpected == []
     for name, value in released.state_dict().items():
         assert torch.equal(mae.state_dict()[name], value), name
+
+
+def test_an_rgb_mae_continues_a_grey_one_with_each_pixels_row_repeated(tmp_path):
+    """The reverse: a grey file into an RGB MAE, whose three channels on a grey image copied to
+    RGB then predict what the grey MAE predicts (timm spreads the grey projection over them)."""
+    grey = tiny(seed=7).eval()
+    path = tmp_path / "grey_mae.pth"
+    torch.save({"model_state": grey.state_dict()}, path)
+    mae = tiny(seed=1, in_chans=3).eval()
+    report = load_start(mae, "imagenet", path)
+    assert report.missing == report.unexpected == [] and "decoder_pred.weight" in report.adapted
+    x = images()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        _, ours, _ = grey(x)  # [B, L, 64]
+        torch.manual_seed(4)
+        _, rgb, _ = mae(x.expand(-1, 3, -1, -1))  # [B, L, 3*64]
+    assert torch.allclose(rgb, ours.repeat(1, 1, 3), atol=1e-5)
