@@ -102,7 +102,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cxr_lib import runs
 from cxr_lib.evaluate import mean_auc
 
-SCHEDULES = ("cosine", "one_cycle")
+SCHEDULES = ("cosine", "one_cycle", "torch_one_cycle")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPERATIONAL = ("checkpoint_every", "checkpoint_minutes", "nan_check_every", "compile",
@@ -127,10 +127,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)  # adam / adamw
     momentum: float = 0.9  # sgd (MoCo v2)
-    schedule: str = "cosine"  # linear warm-up then cosine, per step; or fastai's one-cycle
+    schedule: str = "cosine"  # warm-up then cosine, per step; fastai's or torch's one-cycle
     warmup_epochs: float = 0.0  # cosine only
     min_lr: float = 0.0  # cosine only: the floor the cosine decays to
-    pct_start: float = 0.25  # one-cycle only: share of steps spent rising
+    pct_start: float = 0.25  # one-cycles only: share of steps spent rising (torch's: 0.3)
     optimizer: str = "adamw"
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
     grad_clip: float | None = None  # max gradient norm
@@ -278,8 +278,11 @@ def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int) -> tuple[f
 
     "cosine" follows MAE's `lr_sched`: the fractional epoch t = step / steps_per_epoch, linear
     warm-up from 0 over `warmup_epochs`, then half a cosine down to `min_lr`. "one_cycle" is
-    fastai's `fit_one_cycle` (lr from lr/25 up to lr and down to lr/1e5, momentum 0.95-0.85-0.95).
+    fastai's `fit_one_cycle` (lr from lr/25 up to lr and down to lr/1e5, momentum 0.95-0.85-0.95);
+    "torch_one_cycle" is torch's `OneCycleLR` as it comes (`torch_one_cycle`).
     """
+    if config.schedule == "torch_one_cycle":
+        return torch_one_cycle(config.lr, config.pct_start, step, config.epochs * steps_per_epoch)
     if config.schedule == "one_cycle":
         pct = step / (config.epochs * steps_per_epoch)
         lr = combined_cos(config.pct_start, config.lr / 25, config.lr, config.lr / 1e5)(pct)
@@ -290,6 +293,22 @@ def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int) -> tuple[f
     progress = (t - config.warmup_epochs) / (config.epochs - config.warmup_epochs)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return config.min_lr + (config.lr - config.min_lr) * cosine, None
+
+
+def torch_one_cycle(peak: float, pct_start: float, step: int, total: int) -> tuple[float, float]:
+    """Learning rate and momentum (Adam's beta1) at `step` of `total` under torch's `OneCycleLR`
+    with its defaults (cosine from peak/25 up to peak at step pct_start x total - 1, then down to
+    peak/25/1e4 at the last step; momentum 0.95 down to 0.85 and back), which MedTransformer's
+    scripts use: fastai's one-cycle ends 2.5x lower and places its phases otherwise. Where torch
+    would divide by zero (a rise that ends at step 0), the rise counts as done."""
+    rise_end = float(pct_start * total) - 1
+    if step <= rise_end:
+        pct, lrs, moms = step / rise_end if rise_end > 0 else 1.0, (peak / 25, peak), (0.95, 0.85)
+    else:
+        pct = (step - rise_end) / (total - 1 - rise_end)
+        lrs, moms = (peak, peak / 25 / 1e4), (0.85, 0.95)
+    cos = (math.cos(math.pi * pct) + 1) / 2  # 1 at the phase's start, 0 at its end
+    return lrs[1] + (lrs[0] - lrs[1]) * cos, moms[1] + (moms[0] - moms[1]) * cos
 
 
 class _Schedule(Callback):

@@ -31,6 +31,8 @@ from cxr_lib.train import (
     masked_bce_loss,
     mean_auc,
     model_loss,
+    schedule_at,
+    torch_one_cycle,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -134,6 +136,29 @@ def test_one_cycle_schedule(tmp_path):
     assert lrs[-1] < cfg.lr / 10
     assert rec.beta1[0] == pytest.approx(0.95) and rec.beta1[2] == pytest.approx(0.85)
     assert rec.beta1[-1] > 0.9
+
+
+@pytest.mark.parametrize("epochs, per_epoch", [(2, 4), (3, 7), (1, 1)])
+def test_torch_one_cycle_is_torchs_one_cycle_lr_step_by_step(epochs, per_epoch):
+    """torch's own scheduler, stepped as a training loop steps it, sets the lr and Adam's beta1
+    of every optimizer step: a peak between two steps (at 2 x 4 x 0.3 - 1 = 1.4), and a run of
+    a single step."""
+    cfg = TrainConfig(epochs=epochs, batch_size=64, base_lr=4e-4, schedule="torch_one_cycle",
+                      pct_start=0.3)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=epochs,
+                                                steps_per_epoch=per_epoch)
+    for step in range(epochs * per_epoch):
+        group = opt.param_groups[0]
+        ours = schedule_at(cfg, step, per_epoch)
+        assert ours == pytest.approx((group["lr"], group["betas"][0]), rel=1e-12, abs=1e-18)
+        opt.step()
+        sched.step()
+
+
+def test_torch_one_cycle_takes_a_rise_ending_at_step_0_as_done():
+    """pct_start x total = 1 ends the rise at step 0, where torch divides by zero."""
+    assert torch_one_cycle(1.0, 0.25, 0, 4) == (1.0, 0.85)
 
 
 @pytest.mark.parametrize("name, torch_type", [("adamw", torch.optim.AdamW),
