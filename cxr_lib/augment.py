@@ -30,6 +30,15 @@ if TYPE_CHECKING:
 Stat = float | Sequence[float]
 
 
+def check_crop_scale(scale: tuple[float, float]) -> None:
+    """Refuse a crop range that torch would only reject at the first batch, or that crops
+    nothing: (LOW, HIGH) area fractions with 0 < LOW <= HIGH <= 1."""
+    low, high = (float(v) for v in scale)
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"crop scale ({low:g}, {high:g}) must be two area fractions with "
+                         "0 < LOW <= HIGH <= 1, e.g. 0.5 1.0")
+
+
 def sample_crop_boxes(batch: int, height: int, width: int,
                       scale: tuple[float, float] = (0.5, 1.0),
                       ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -217,6 +226,9 @@ class MaeAugment:
     std: Stat = 0.25
     channels: int = 1
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.scale)
 
     @classmethod
     def from_images(cls, images_u8: np.ndarray | Tensor, size: int, **kwargs) -> MaeAugment:

@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cxr_lib.augment import Stat, center_resize, hflip, normalise, random_resized_crop, to_float
+from cxr_lib.augment import (
+    Stat,
+    center_resize,
+    check_crop_scale,
+    hflip,
+    normalise,
+    random_resized_crop,
+    to_float,
+)
 from cxr_lib.transfer import to_device
 
 BLUR_REFERENCE_SIZE = 224  # MoCo v2's blur sigmas are in pixels of a 224-px crop
@@ -88,6 +96,9 @@ class MocoAugment:
     mean: Stat = 0.5
     std: Stat = 0.25
     channels: int = 1
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.scale)
 
     def view(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One fresh view: uint8 [B, 1, H, W] -> float [B, channels, size, size], normalised."""

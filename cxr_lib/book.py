@@ -49,8 +49,10 @@ def chapter_notebooks(folder: Path) -> list[Path]:
 def select_chapters(notebooks: Sequence[Path], selectors: Iterable[int | str] | None
                     ) -> list[Path]:
     """The notebooks picked by chapter numbers (1, "01") or stems ("01_data_curation"), kept in
-    reading order; None or empty picks all."""
-    selectors = list(selectors or [])
+    reading order; None or empty picks all. A string may hold several, comma-separated ("1,2"),
+    as users write them on the command line."""
+    selectors = [part.strip() for selector in selectors or []
+                 for part in str(selector).split(",")]
     if not selectors:
         return list(notebooks)
     chosen: set[Path] = set()
@@ -126,7 +128,8 @@ def run_chapter(notebook: Path, parameters: dict[str, Any], out_dir: Path) -> Pa
 
     Papermill saves the notebook after every cell, so it writes <stem>.running.ipynb (open it to
     watch a long chapter) and the result is renamed into place only when every cell succeeded.
-    A failure renames it to <stem>.failed.ipynb, beside any earlier good <stem>.ipynb.
+    A failure renames it to <stem>.failed.ipynb, beside any earlier good <stem>.ipynb, and
+    `stage_site` refuses the folder until a run of the chapter succeeds and deletes it.
     """
     import papermill
 
@@ -236,11 +239,12 @@ def stage_site(repo: Path, chapters: Path, site: Path, *, how_to_run: str = "cxr
                ) -> list[str]:
     """Assemble a fresh site folder: _config.yml, the prose pages of book/, the executed
     notebooks into book/chapters/, and a _toc.yml listing only the chapters present. Returns the
-    stems of the staged chapters.
+    stems of the staged chapters. A chapter whose last run failed is refused, not shown stale.
 
     The site is rebuilt from scratch each time: Sphinx only reports warnings for pages it
     re-reads, so an incremental build could hide a warning.
     """
+    _refuse_failed(chapters, how_to_run)
     present = {nb.stem for nb in chapter_notebooks(chapters)} if chapters.is_dir() else set()
     toc = filter_toc(read_toc(repo / "_toc.yml"), present)
     staged = toc_chapters(toc)
@@ -259,6 +263,22 @@ def stage_site(repo: Path, chapters: Path, site: Path, *, how_to_run: str = "cxr
         shutil.copy2(chapters / f"{stem}.ipynb", site / CHAPTERS_DIR / f"{stem}.ipynb")
     (site / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
     return staged
+
+
+def _refuse_failed(chapters: Path, how_to_run: str) -> None:
+    """Refuse to render a folder holding a <stem>.failed.ipynb or <stem>.running.ipynb: the
+    chapter's last run failed, or was killed (or is still running), so the book would show its
+    older good run as current (or silently leave it out). A run that succeeds deletes the
+    .failed copy and renames the .running one into place (`run_chapter`), which lifts it."""
+    for state, said in (("failed", "failed"), ("running", "did not finish (killed, or still "
+                                                          "running)")):
+        left = sorted(chapters.glob(CHAPTER_GLOB.replace(".ipynb", f".{state}.ipynb")))
+        if left:
+            stems = ",".join(path.name.removesuffix(f".{state}.ipynb") for path in left)
+            raise BookError(f"the last run of chapter {stems} {said} "
+                            f"({', '.join(map(str, left))}): fix it and run `{how_to_run} "
+                            f"--chapters {stems}`, or delete the .{state} notebook to build "
+                            "the book without that run")
 
 
 def read_toc(path: Path) -> dict[str, Any]:

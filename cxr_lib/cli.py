@@ -63,13 +63,13 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
                        in_chans=args.in_chans or defaults.get("in_chans", 1))
     config = TrainConfig(epochs=value("epochs"), batch_size=value("batch_size"),
                          base_lr=value("base_lr"), warmup_epochs=value("warmup_epochs"),
-                         seed=profile.shared.get("seed", 0))
+                         seed=profile.shared.get("seed", 0), **_engine_settings(args))
     runs_dir = args.runs or Path("build") / profile.name / "runs"
     pretrained = pretrain_mae(open_cache(args.data), recipe, config, runs_dir, force=args.force)
-    state = "loaded the finished run" if pretrained.run.loaded_from_cache else "trained"
-    print(f"{state} {pretrained.run.path}")
+    _print_run(pretrained.run)
     if args.save:
         print(f"encoder saved to {save_encoder(pretrained, args.save)}")
+    _exit_if_diverged(pretrained.run)
 
 
 def _pretrain_moco(args: argparse.Namespace) -> None:
@@ -115,18 +115,44 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
                         bn_splits=values["bn_splits"], in_chans=values["in_chans"])
     config = moco_config(values["epochs"], values["batch_size"], base_lr=values["base_lr"],
                          warmup_epochs=values["warmup_epochs"],
-                         seed=profile.shared.get("seed", 0))
+                         seed=profile.shared.get("seed", 0), **_engine_settings(args))
     knn = KnnSettings(k=values["knn_k"], every=values["knn_every"],
                       max_images=values["knn_images"])
     runs_dir = args.runs or Path("build") / profile.name / "runs"
     pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
                                force=args.force)
-    state = "loaded the finished run" if pretrained.run.loaded_from_cache else "trained"
-    print(f"{state} {pretrained.run.path}")
+    _print_run(pretrained.run)
     print(f"kNN AUC {pretrained.knn_start:.3f} before pre-training, "
           f"{pretrained.knn_end:.3f} after")
     if args.save:
         print(f"backbone saved to {save_backbone(pretrained, args.save)}")
+    _exit_if_diverged(pretrained.run)
+
+
+def _add_engine_arguments(cmd: argparse.ArgumentParser) -> None:
+    """Options of the training engine that every training command shares."""
+    cmd.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value "
+                     "(off by default; a remedy for a diverging run)")
+    cmd.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default "
+                     "500; a checkpoint is also written at an epoch's end once "
+                     "TrainConfig.checkpoint_minutes have passed, and at the end)")
+
+
+def _engine_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of `_add_engine_arguments` that were given."""
+    given = {"grad_clip": args.grad_clip, "checkpoint_every": args.checkpoint_every}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _print_run(run) -> None:
+    state = "loaded the finished run" if run.loaded_from_cache else "trained"
+    print(f"{state} {run.path}")
+
+
+def _exit_if_diverged(run) -> None:
+    """A run that finished with a loss far above its start ends the command with an error."""
+    if run.metrics.get("status") == "diverged":
+        sys.exit(f"cxr: error: {run.metrics['diverged']}")
 
 
 def _parse_optional(text: str) -> float | None:
@@ -170,7 +196,8 @@ def _recipe_and_config(args: argparse.Namespace):
         warmup_epochs=value("warmup_epochs", "warmup_epochs", paper.warmup_epochs),
         batch_size=value("batch_size", "batch_size", paper.batch_size),
         base_lr=value("base_lr", "base_lr", paper.base_lr),
-        min_lr=value("min_lr", "min_lr", paper.min_lr), seed=profile.shared.get("seed", 0))
+        min_lr=value("min_lr", "min_lr", paper.min_lr), seed=profile.shared.get("seed", 0),
+        **_engine_settings(args))
     return profile, recipe, config
 
 
@@ -181,11 +208,11 @@ def _finetune(args: argparse.Namespace) -> None:
     profile, recipe, config = _recipe_and_config(args)
     runs_dir = args.runs or Path("build") / profile.name / "runs"
     result = finetune(open_cache(args.data), recipe, config, runs_dir, force=args.force)
-    state = "loaded the finished run" if result.run.loaded_from_cache else "trained"
-    print(f"{state} {result.run.path}")
+    _print_run(result.run)
     print(f"start: {result.load_report.summary}")
     print(f"validation AUC {result.valid_auc:.4f} (best epoch); test AUC {result.test_auc:.4f} "
           f"on {result.run.metrics.get('test_images', 0)} images")
+    _exit_if_diverged(result.run)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -243,6 +270,7 @@ def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--cutmix", type=float, default=0.0)
     cmd.add_argument("--train-fraction", type=float, default=1.0,
                      help="share of the training patients whose labels are used")
+    _add_engine_arguments(cmd)
     # Left out, these take the profile's value (absent from args, not None: `none` is a value)
     profiled = cmd.add_argument_group("recipe (default: the profile's chapter 4, else the paper)")
     for flag, kwargs in (
@@ -349,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="cpu", help="profile name or YAML path")
     run.add_argument("--data-root", type=Path, help="ChestX-ray14 root (or the NIH sample)")
     run.add_argument("--pediatric-root", type=Path, help="pediatric pneumonia root")
-    run.add_argument("--chapters", nargs="+", help="chapter numbers or names (default: all)")
+    run.add_argument("--chapters", nargs="+",
+                     help="chapter numbers or names, by spaces or commas (default: all)")
     run.add_argument("--publish", action="store_true",
                      help="also copy the executed notebooks into book/ (the published edition)")
     run.set_defaults(func=_book_run)
@@ -384,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     mae.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
     mae.add_argument("--save", type=Path, help="also write the encoder here (timm ViT keys)")
     mae.add_argument("--force", action="store_true", help="train again even if finished")
+    _add_engine_arguments(mae)
     mae.set_defaults(func=_pretrain_mae)
     moco = pretrain_cmds.add_parser(
         "moco", help="MoCo v2 pre-training of a CNN (chapter 3); unset options come from the "
@@ -411,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     moco.add_argument("--knn-images", type=int, help="images per split in the kNN monitor")
     moco.add_argument("--save", type=Path, help="also write the backbone here (timm keys)")
     moco.add_argument("--force", action="store_true", help="train again even if finished")
+    _add_engine_arguments(moco)
     moco.set_defaults(func=_pretrain_moco)
     add_finetune_commands(groups)
     add_evaluate_command(groups)

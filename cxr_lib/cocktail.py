@@ -8,6 +8,10 @@ draws its images so that source s makes up `weight_s / sum(weights)` of the draw
 images it holds. The normalisation of the mix follows from the sources' own statistics and the
 same shares, so it describes what the encoder actually sees.
 
+Where MedTransformer's choices differ from ours, both are here under names a profile picks:
+its views (the central 224 of 256, `center_cropped`), its fixed statistics (`normalisation`),
+its 15 labels (`with_no_finding`) and its scoring (`medtransformer_scores`).
+
 The chapter's verdicts are here too: they rank arms only where the gaps exceed the noise, and
 judge the encoders as painters only once they paint better than a blank prediction.
 """
@@ -20,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cxr_lib.augment import pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
@@ -29,8 +34,8 @@ from cxr_lib.data.covid import read_covid_radiography
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.evaluate import paired_comparison
-from cxr_lib.finetune import FinetuneRecipe
+from cxr_lib.evaluate import mean_auc, paired_comparison
+from cxr_lib.finetune import TEST_SCORES, FinetuneRecipe
 from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
 from cxr_lib.pretrain import HeldoutErrors
 from cxr_lib.report import names
@@ -129,26 +134,28 @@ def mix_stats(cache: Cache, weights: Mapping[str, float], split: str = "train",
 
 # MedTransformer's recipes. Its MAE: Adam, one-cycle to a peak of 1e-4, batch 64, 60% of the
 # mask units hidden. Its fine-tuning: Adam, one-cycle to 1e-4, batch 64, 10 epochs, weight decay
-# 1e-8, random rotations of up to 30 degrees. Our learning rate is base_lr x batch / 256.
+# 1e-8, random rotations of up to 30 degrees. Both one-cycles are torch's OneCycleLR with its
+# defaults (`train.torch_one_cycle`). Our learning rate is base_lr x batch / 256.
 MEDTRANSFORMER_MASK_RATIO = 0.6
 
 
 # MedTransformer's scripts use torch's Adam as it comes: betas (0.9, 0.999), not the (0.9, 0.95)
 # of MAE's AdamW that TrainConfig defaults to.
 _ADAM_BETAS = (0.9, 0.999)
+_ONE_CYCLE = {"schedule": "torch_one_cycle", "pct_start": 0.3}  # torch's OneCycleLR defaults
 
 
 def medtransformer_pretrain_config(**changes) -> TrainConfig:
     """MedTransformer's MAE optimiser and schedule; `changes` override (e.g. epochs)."""
     base = TrainConfig(batch_size=64, base_lr=1e-4 * 256 / 64, optimizer="adam",
-                       betas=_ADAM_BETAS, schedule="one_cycle", weight_decay=0.0)
+                       betas=_ADAM_BETAS, **_ONE_CYCLE, weight_decay=0.0)
     return dataclasses.replace(base, **changes)
 
 
 def medtransformer_finetune_config(**changes) -> TrainConfig:
     """MedTransformer's fine-tuning optimiser and schedule; `changes` override."""
     base = TrainConfig(epochs=10, batch_size=64, base_lr=1e-4 * 256 / 64, optimizer="adam",
-                       betas=_ADAM_BETAS, schedule="one_cycle", weight_decay=1e-8,
+                       betas=_ADAM_BETAS, **_ONE_CYCLE, weight_decay=1e-8,
                        keep_best="valid_auc")
     return dataclasses.replace(base, **changes)
 
@@ -168,6 +175,93 @@ def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:
     base = FinetuneRecipe(model="hiera_tiny", layer_decay=None, drop_path=0.0,
                           randaug_magnitude=None, crop_scale=(1.0, 1.0), rotation=30.0)
     return dataclasses.replace(base, **changes)
+
+
+# MedTransformer's views: every image resized to 256 and its central 224 cropped, normalised
+# with fixed per-channel statistics of its pre-training pool (its `utils.FolderDataset`), for
+# pre-training and fine-tuning alike. Ours: the whole image, the statistics of the mix drawn.
+MEDTRANSFORMER_CROP = 224 / 256
+MEDTRANSFORMER_STATS = ((0.5163, 0.5011, 0.5025), (0.2222, 0.2245, 0.2256))  # (RGB means, stds)
+NORMALISATIONS = ("mix", "medtransformer")
+
+
+def center_cropped(cache: Cache, keep: float) -> Cache:
+    """The cache with its images cut to their central `keep` share of a side (a view of the
+    same pixels): MedTransformer's resize to 256 then crop of 224 is `keep` 0.875 of a 256 px
+    cache. The name and size change, so the runs on it are other runs."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"center_crop must lie in (0, 1], got {keep}")
+    side = round(cache.size * keep)
+    if side == cache.size:
+        return cache
+    lo = (cache.size - side) // 2
+    return dataclasses.replace(cache, name=f"{cache.name}+center{side}", size=side,
+                               images=cache.images[:, lo:lo + side, lo:lo + side])
+
+
+def normalisation(name: str, cache: Cache, weights: Mapping[str, float]) -> tuple[float, float]:
+    """Mean and std (0..1) to normalise with: "mix", ours (`mix_stats` of the mix as drawn), or
+    "medtransformer", its fixed statistics, their three channels averaged for our one (its
+    X-rays are grey images copied to RGB; the channels differ only through the colour images
+    of its pool)."""
+    if name not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {name!r}: expected one of {NORMALISATIONS}")
+    if name == "mix":
+        return mix_stats(cache, weights)
+    return tuple(round(float(np.mean(v)), 4) for v in MEDTRANSFORMER_STATS)
+
+
+# MedTransformer's label set and scoring, offered beside ours (its table's 81.6 is scored so).
+NO_FINDING = "No Finding"
+LABEL_SETS = ("findings", "medtransformer")  # the 14 findings; those and No Finding
+
+
+def with_no_finding(cache: Cache) -> Cache:
+    """The cache with MedTransformer's 15th label, "No Finding": 1 where every finding is
+    stated absent, 0 where one is present, NaN otherwise. Its script trains and scores it with
+    the 14 findings (its report's mean includes No Finding's AUC). The name changes too, so a
+    run on these labels is another run."""
+    present = np.nan_to_num(cache.labels, nan=0.0).max(axis=1)  # [N], 1 if any finding
+    none = (cache.labels == 0).all(axis=1)  # [N], every finding stated absent
+    no_finding = np.where(none, 1.0, np.where(present == 1, 0.0, np.nan)).astype(np.float32)
+    return dataclasses.replace(cache, name=f"{cache.name}+no-finding",
+                               findings=[*cache.findings, NO_FINDING],
+                               labels=np.column_stack([cache.labels, no_finding]))
+
+
+def label_set(cache: Cache, name: str) -> Cache:
+    """The fine-tuning labels a profile names: "findings" (ours, the cache's as they are) or
+    "medtransformer" (`with_no_finding`)."""
+    if name not in LABEL_SETS:
+        raise ValueError(f"unknown label set {name!r}: expected one of {LABEL_SETS}")
+    return with_no_finding(cache) if name == "medtransformer" else cache
+
+
+def medtransformer_scores(logits: np.ndarray) -> np.ndarray:
+    """Scores [N, F] as MedTransformer's evaluation computes them from logits [N, F]: its
+    Hiera's head (facebookresearch/hiera's) applies a softmax over the outputs in eval mode,
+    and its script a sigmoid after that. Each label's score then depends on every other
+    output, so its AUCs differ from those of one sigmoid per label (ours)."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))  # [N, F]
+    return 1 / (1 + np.exp(-z / z.sum(axis=1, keepdims=True)))
+
+
+def auc_both_ways(logits: np.ndarray, targets: np.ndarray, findings: Sequence[str]
+                  ) -> tuple[float, float]:
+    """Mean AUC as this study scores it (a sigmoid per label; the findings, No Finding left
+    out) and as MedTransformer does (`medtransformer_scores`; every output, No Finding in)."""
+    ours = [j for j, name in enumerate(findings) if name != NO_FINDING]
+    return (mean_auc(logits[:, ours], targets[:, ours])[0],
+            mean_auc(medtransformer_scores(logits), targets)[0])
+
+
+def stored_test_aucs(run_dir: str | Path, cache: Cache) -> tuple[float, float]:
+    """A finished fine-tuning run's test AUC scored both ways (`auc_both_ways`), from the test
+    scores it stored, matched to the labels of `cache` (the run's labels) by image id."""
+    scores = pd.read_parquet(Path(run_dir) / TEST_SCORES)
+    row_of = pd.Series(np.arange(len(cache)), index=cache.index["id"].to_numpy())
+    rows = row_of[scores["id"]].to_numpy()  # [N]
+    return auc_both_ways(scores[cache.findings].to_numpy(), cache.labels[rows], cache.findings)
 
 
 # ----------------------------------------------------------------------------- verdicts

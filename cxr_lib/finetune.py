@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from cxr_lib import runs
 from cxr_lib.augment import (
     center_resize,
+    check_crop_scale,
     hflip,
     random_resized_crop,
     random_rotate,
@@ -164,6 +165,9 @@ class FinetuneAugment:
     rotation: float = 0.0
     channels: int = 1
     eval_crop: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.scale)
 
     def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """uint8 [B, 1, H, W] -> float [B, channels, size, size], freshly augmented."""

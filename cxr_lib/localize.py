@@ -268,7 +268,8 @@ def _check_box_table(box_table: pd.DataFrame) -> None:
 def score_boxes(maps: Tensor | np.ndarray, box_table: pd.DataFrame, image_size: int | None = None,
                 orig_size: int = NIH_BOX_SIZE) -> pd.DataFrame:
     """Pointing game and mass inside per finding, for maps [K, S, S] aligned with the rows of
-    `box_table` (map i belongs to box i: its image, and for Grad-CAM its finding).
+    `box_table` (map i belongs to box i: its image, and for Grad-CAM its finding; with one map
+    per image, use `score_image_maps`).
 
     image_size: the side S of the maps (checked against them); boxes are scaled from
     `orig_size`. Columns: finding, boxes, hit_rate, mass_inside (mean), box_area (mean share of
@@ -278,7 +279,8 @@ def score_boxes(maps: Tensor | np.ndarray, box_table: pd.DataFrame, image_size: 
     maps = _as_numpy(maps)
     if maps.ndim != 3 or maps.shape[1] != maps.shape[2] or len(maps) != len(box_table):
         raise ValueError(f"maps {maps.shape} must be [K, S, S] with one map per box "
-                         f"({len(box_table)} boxes)")
+                         f"({len(box_table)} boxes); for one map per image, use "
+                         "score_image_maps")
     if image_size is not None and image_size != maps.shape[1]:
         raise ValueError(f"image_size {image_size} differs from the maps' side {maps.shape[1]}")
     boxes = scale_boxes(box_table, maps.shape[1], orig_size)  # [K, 4]
@@ -289,6 +291,41 @@ def score_boxes(maps: Tensor | np.ndarray, box_table: pd.DataFrame, image_size: 
     order = [f for f in FINDINGS if f in set(scores["finding"])]
     rows = [_aggregate(scores[scores["finding"] == f], f) for f in order]
     return pd.DataFrame([*rows, _aggregate(scores, ALL)])
+
+
+def score_image_maps(maps: Tensor | np.ndarray, image_ids: Sequence[str],
+                     box_table: pd.DataFrame, image_size: int | None = None,
+                     orig_size: int = NIH_BOX_SIZE) -> pd.DataFrame:
+    """`score_boxes` for maps [B, S, S] of images, map i of image `image_ids[i]`: every box of
+    an image is scored against that image's map, which is repeated once per box.
+
+    An attention map (or a Grad-CAM of the predicted finding) belongs to the image, while
+    ChestX-ray14 draws several boxes on some images (93 of its 880 boxed images) and the
+    pointing game and mass inside count boxes. Boxes of other images are left out; images
+    without a box add nothing.
+    """
+    _check_box_table(box_table)
+    maps = _as_numpy(maps)
+    if len(maps) != len(image_ids):
+        raise ValueError(f"maps {maps.shape} must be [B, S, S] with one map per image "
+                         f"({len(image_ids)} image ids)")
+    boxes, owner = boxes_of(image_ids, box_table)
+    if not len(boxes):
+        raise ValueError(f"none of the {len(image_ids)} images has a box in the box table")
+    return score_boxes(maps[owner], boxes, image_size, orig_size)  # maps [K, S, S], a box each
+
+
+def boxes_of(image_ids: Sequence[str], box_table: pd.DataFrame
+             ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows of `box_table` on the given images, grouped in the order of `image_ids`, and
+    for each row the position of its image in `image_ids` [K], which picks its map."""
+    ids = pd.Index(image_ids)
+    if not ids.is_unique:
+        raise ValueError(f"image id {ids[ids.duplicated()][0]!r} is given twice")
+    position = ids.get_indexer(box_table["id"])  # [rows], -1 for boxes of other images
+    rows = np.flatnonzero(position >= 0)
+    rows = rows[np.argsort(position[rows], kind="stable")]  # by image, boxes in file order
+    return box_table.iloc[rows].reset_index(drop=True), position[rows]
 
 
 def _aggregate(scores: pd.DataFrame, name: str) -> dict:

@@ -93,10 +93,12 @@ class PretrainedMae:
 
 
 def cache_identity(cache: Cache) -> dict:
-    """What names a cache's content in a run hash: its data set, size and rows per split."""
+    """What names a cache in a run hash: its content digest (pixels, ids, splits and labels,
+    so a cache remade with other labels trains new runs), with its data set, size and rows
+    per split for a reader of the run's config."""
     splits = cache.index["split"].value_counts().sort_index()
     return {"name": cache.name, "size": cache.size, "images": len(cache),
-            "splits": {str(k): int(v) for k, v in splits.items()}}
+            "splits": {str(k): int(v) for k, v in splits.items()}, "content": cache.digest}
 
 
 def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",

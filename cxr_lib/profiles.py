@@ -8,7 +8,8 @@ recipes: the same notebooks receive different parameters. The file has two secti
 
 and a chapter's parameters are shared ∪ its section (the chapter wins), plus `profile` and
 `work_dir`, which the runner fills in. String values may use `${VARIABLE}` to read the
-environment, so a profile can point at data whose location differs between machines.
+environment, so a profile can point at data whose location differs between machines;
+`${CXR_SAMPLE_DATA}` defaults to the real samples shipped with the package.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from cxr_lib.data.core import DataError
+from cxr_lib.data.samples import samples_root
 
 TOP_LEVEL_KEYS: tuple[str, ...] = ("shared", "chapters")
 # Filled in by the runner for every chapter; a profile may not set them.
@@ -31,6 +33,8 @@ RESERVED_KEYS: tuple[str, ...] = ("profile", "work_dir")
 ROOT_KEYS: tuple[str, ...] = ("data_root", "pediatric_root")
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Variables with a value when the environment has none
+DEFAULTS = {"CXR_SAMPLE_DATA": lambda: str(samples_root())}
 
 
 class ProfileError(DataError):
@@ -178,7 +182,8 @@ def _check_chapters_exist(path: Path, chapters: Mapping[str, Any], notebooks: Pa
 
 def _expand(value: Any, path: Path, where: str) -> Any:
     """Replace ${VARIABLE} in strings (recursively in lists and mappings) from the environment;
-    an unset variable is an error that says how to set it or what to pass instead."""
+    an unset variable without a default is an error that says how to set it or what to pass
+    instead."""
     if isinstance(value, dict):
         return {key: _expand(item, path, f"{where}.{key}") for key, item in value.items()}
     if isinstance(value, list):
@@ -186,12 +191,16 @@ def _expand(value: Any, path: Path, where: str) -> Any:
     if not isinstance(value, str):
         return value
     for variable in _VARIABLE.findall(value):
-        if variable not in os.environ:
+        if variable not in os.environ and variable not in DEFAULTS:
             key = where.rsplit(".", 1)[-1]
             option = f" or pass --{key.replace('_', '-')}" if key in ROOT_KEYS else ""
             raise ProfileError(f"{path}: {where} = {value!r} uses ${{{variable}}}, which is not "
                                f"set: set {variable}{option}")
-    return _VARIABLE.sub(lambda match: os.environ[match.group(1)], value)
+    return _VARIABLE.sub(lambda match: _variable(match.group(1)), value)
+
+
+def _variable(name: str) -> str:
+    return os.environ[name] if name in os.environ else DEFAULTS[name]()
 
 
 def _absolute_roots(shared: Mapping[str, Any], path: Path,

@@ -2,9 +2,10 @@
 
 Every experiment of the study is a run: `root/<kind>-<hash>/` holds `config.json` (what was
 asked), `last.pt` (the checkpoint to resume from, and the final weights), `history.csv` (one
-row per epoch), `metrics.json` (written once, at the end, with `status: done`) and optionally
-`best.pt`. The folder name comes from the config alone, so asking for the same experiment again
-finds the finished run instead of training it again, and an interrupted one resumes.
+row per epoch), `metrics.json` (written once, at the end, with `status: done`, or `diverged`
+when the loss ended far above where it began) and optionally `best.pt`. The folder name comes
+from the config alone, so asking for the same experiment again finds the finished run instead
+of training it again, and an interrupted one resumes.
 
 Files are replaced, never rewritten in place: a temp file in the same folder, fsync, then
 `os.replace`, so a crash (even SIGKILL) leaves either the old file or the new one.
@@ -190,9 +191,13 @@ def write_metrics(metrics: dict, path: str | Path) -> None:
     atomic_write_json(metrics, Path(path) / METRICS)
 
 
+FINISHED = ("done", "diverged")  # a diverged run finished too: training it again repeats it
+
+
 def is_finished(path: str | Path) -> bool:
-    """Whether the run in folder `path` completed: its metrics say `status: done`."""
-    return read_metrics(path).get("status") == "done"
+    """Whether the run in folder `path` completed: its metrics say `status: done` (or
+    `diverged`, kept with its note so that every reader can say so)."""
+    return read_metrics(path).get("status") in FINISHED
 
 
 def read_history(path: str | Path) -> pd.DataFrame:

@@ -102,11 +102,15 @@ from torch.nn.parallel import DistributedDataParallel
 from cxr_lib import runs
 from cxr_lib.evaluate import mean_auc
 
-SCHEDULES = ("cosine", "one_cycle")
+SCHEDULES = ("cosine", "one_cycle", "torch_one_cycle")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-OPERATIONAL = ("checkpoint_every", "nan_check_every", "compile", "channels_last",
-               "cudnn_benchmark")  # change how, not what: not hashed
+OPERATIONAL = ("checkpoint_every", "checkpoint_minutes", "nan_check_every", "compile",
+               "channels_last", "cudnn_benchmark")  # change how, not what: not hashed
+# A run whose last epoch's mean train loss exceeds its first step's loss this many times is
+# marked diverged: an untrained model's loss is the chance level of its task (BCE's log 2,
+# InfoNCE's log(K+1), MAE's pixel variance) and training that works stays below it.
+DIVERGED_RISE = 4.0
 
 
 @dataclass
@@ -123,16 +127,17 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)  # adam / adamw
     momentum: float = 0.9  # sgd (MoCo v2)
-    schedule: str = "cosine"  # linear warm-up then cosine, per step; or fastai's one-cycle
+    schedule: str = "cosine"  # warm-up then cosine, per step; fastai's or torch's one-cycle
     warmup_epochs: float = 0.0  # cosine only
     min_lr: float = 0.0  # cosine only: the floor the cosine decays to
-    pct_start: float = 0.25  # one-cycle only: share of steps spent rising
+    pct_start: float = 0.25  # one-cycles only: share of steps spent rising (torch's: 0.3)
     optimizer: str = "adamw"
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
     grad_clip: float | None = None  # max gradient norm
     seed: int = 0
     keep_best: str | None = None  # a history column, e.g. "valid_auc" (max) or "valid_loss" (min)
     checkpoint_every: int = 500  # steps; and always at the end
+    checkpoint_minutes: float = 5.0  # also at an epoch's end once this long since the last
     nan_check_every: int = 25  # steps between host syncs that look for a non-finite loss
     compile: bool = False  # torch.compile the training step; eager if compiling fails
     channels_last: bool | None = None  # None: for CNNs on CUDA
@@ -155,7 +160,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "base_lr", "checkpoint_every", "nan_check_every")
+        positive = ("epochs", "batch_size", "base_lr", "checkpoint_every", "checkpoint_minutes",
+                "nan_check_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
@@ -182,6 +188,11 @@ class RunResult:
     resumed_from_step: int | None = None
 
 
+REMEDY = ("Lower the learning rate (base_lr, --base-lr), lengthen the warm-up or clip the "
+          "gradients (grad_clip, --grad-clip); too high a learning rate is the usual cause (MAE "
+          "training explodes with it). A changed config trains in a new run folder.")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint on disk is left untouched."""
 
@@ -189,12 +200,22 @@ class TrainingDiverged(RuntimeError):
         self.step, self.loss, self.since, self.run = step, loss, since, run
         where = (f"at step {step}" if since >= step - 1
                  else f"between steps {since + 1} and {step} (checked every few steps)")
-        kept = f" The last good checkpoint in {run} is untouched." if run else ""
+        kept = ""
+        if run is not None:
+            kept = (f" The last good checkpoint in {run} is untouched." if
+                    (run / runs.CHECKPOINT).exists() else f" No checkpoint of {run} was written "
+                    "before it, so a rerun starts from the beginning.")
         super().__init__(
-            f"training diverged: non-finite loss {where}; the loss is now {loss}.{kept} "
-            "Lower the learning rate (base_lr), lengthen the warm-up or set grad_clip; too high "
-            "a learning rate is the usual cause (MAE training explodes with it). A changed "
-            "config trains in a new run folder.")
+            f"training diverged: non-finite loss {where}; the loss is now {loss}.{kept} {REMEDY}")
+
+
+def rise_note(first_loss: float | None, last_loss: float) -> str | None:
+    """Why a run that ended with finite numbers still diverged, or None: its last epoch's mean
+    train loss is more than `DIVERGED_RISE` times the loss of its first step."""
+    if first_loss is None or not first_loss > 0 or not last_loss > DIVERGED_RISE * first_loss:
+        return None
+    return (f"the run diverged: its train loss rose from {first_loss:.4g} at the first step to "
+            f"{last_loss:.4g} in the last epoch (more than {DIVERGED_RISE:g}x). {REMEDY}")
 
 
 # ----------------------------------------------------------------------------- losses, metrics
@@ -257,8 +278,11 @@ def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int) -> tuple[f
 
     "cosine" follows MAE's `lr_sched`: the fractional epoch t = step / steps_per_epoch, linear
     warm-up from 0 over `warmup_epochs`, then half a cosine down to `min_lr`. "one_cycle" is
-    fastai's `fit_one_cycle` (lr from lr/25 up to lr and down to lr/1e5, momentum 0.95-0.85-0.95).
+    fastai's `fit_one_cycle` (lr from lr/25 up to lr and down to lr/1e5, momentum 0.95-0.85-0.95);
+    "torch_one_cycle" is torch's `OneCycleLR` as it comes (`torch_one_cycle`).
     """
+    if config.schedule == "torch_one_cycle":
+        return torch_one_cycle(config.lr, config.pct_start, step, config.epochs * steps_per_epoch)
     if config.schedule == "one_cycle":
         pct = step / (config.epochs * steps_per_epoch)
         lr = combined_cos(config.pct_start, config.lr / 25, config.lr, config.lr / 1e5)(pct)
@@ -269,6 +293,22 @@ def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int) -> tuple[f
     progress = (t - config.warmup_epochs) / (config.epochs - config.warmup_epochs)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return config.min_lr + (config.lr - config.min_lr) * cosine, None
+
+
+def torch_one_cycle(peak: float, pct_start: float, step: int, total: int) -> tuple[float, float]:
+    """Learning rate and momentum (Adam's beta1) at `step` of `total` under torch's `OneCycleLR`
+    with its defaults (cosine from peak/25 up to peak at step pct_start x total - 1, then down to
+    peak/25/1e4 at the last step; momentum 0.95 down to 0.85 and back), which MedTransformer's
+    scripts use: fastai's one-cycle ends 2.5x lower and places its phases otherwise. Where torch
+    would divide by zero (a rise that ends at step 0), the rise counts as done."""
+    rise_end = float(pct_start * total) - 1
+    if step <= rise_end:
+        pct, lrs, moms = step / rise_end if rise_end > 0 else 1.0, (peak / 25, peak), (0.95, 0.85)
+    else:
+        pct = (step - rise_end) / (total - 1 - rise_end)
+        lrs, moms = (peak, peak / 25 / 1e4), (0.85, 0.95)
+    cos = (math.cos(math.pi * pct) + 1) / 2  # 1 at the phase's start, 0 at its end
+    return lrs[1] + (lrs[0] - lrs[1]) * cos, moms[1] + (moms[0] - moms[1]) * cos
 
 
 class _Schedule(Callback):
@@ -535,6 +575,17 @@ def _check_batches(dl: Any, name: str) -> None:
                          "batch with drop_last=True?")
 
 
+def _check_fills_a_batch(dl: Any, batch_size: int) -> None:
+    """Refuse a training set smaller than one batch: each epoch would be a single short step
+    (the first at warm-up's learning rate 0), a run that trains nothing and says it did. A
+    loader tells its images per pass by `draws` (CacheBatches does)."""
+    images = getattr(dl, "draws", None)
+    if isinstance(images, int) and images < batch_size:
+        raise ValueError(f"train_dl: the training images ({images}) do not fill one batch of "
+                         f"{batch_size}, so every epoch would be one short step; use a batch "
+                         f"size of at most {images}")
+
+
 def _shard(dl: Any, rank: int, world: int, name: str) -> Any:
     if world == 1:
         return dl
@@ -604,6 +655,7 @@ class _RunState:
     epoch_seconds: float = 0.0
     best: float | None = None
     best_epoch: int | None = None
+    first_loss: float | None = None  # of step 1: where training began (see DIVERGED_RISE)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -657,6 +709,7 @@ class _Recorder(Callback):
         self.run_state, self.config, self.path = run_state, config, path
         self.guard, self.batches, self.writer = guard, batches, writer
         self.start_epoch, self.saved_step = run_state.epoch, run_state.step
+        self.saved_at = time.perf_counter()
 
     def before_train(self) -> None:
         s = self.run_state
@@ -677,11 +730,17 @@ class _Recorder(Callback):
         self.train_sum, self.images = self.train_sum + loss, self.images + bs
         s = self.run_state
         s.step, s.batch = self.learn.train_iter, self.learn.iter + 1
+        if s.first_loss is None:
+            s.first_loss = float(self.learn.loss.detach())  # one host sync in the whole run
         if s.step % self.config.checkpoint_every == 0 and s.batch < len(self.learn.dl):
             self._save(end_of_epoch=False)
 
     def after_train(self) -> None:
-        total, images = _sum_ranks(self.train_sum, self.images)
+        # rank 0's clock decides, in the same collective, whether this epoch's end checkpoints
+        due = self.writer and (time.perf_counter() - self.saved_at
+                               >= 60 * self.config.checkpoint_minutes)
+        total, images, due = _sum_ranks(self.train_sum, self.images, due)
+        self.save_due = due > 0
         self.train_loss = total / max(images, 1)
         self.train_seconds = self.seconds_before + time.perf_counter() - self.t0
         self.images_per_s = images / self.train_seconds
@@ -709,8 +768,9 @@ class _Recorder(Callback):
             runs.write_history(s.history, self.path)
         self._keep_best(row)
         every = self.config.checkpoint_every
-        if self.learn.epoch == self.learn.n_epoch - 1 or s.step // every > self.saved_step // every:
-            self._save(end_of_epoch=True)  # the last, or one that fell on the epoch's end
+        if (self.learn.epoch == self.learn.n_epoch - 1 or self.save_due
+                or s.step // every > self.saved_step // every):
+            self._save(end_of_epoch=True)  # the last, one due by time, or one due at this step
 
     def _keep_best(self, row: dict) -> None:
         name, s = self.config.keep_best, self.run_state
@@ -740,7 +800,7 @@ class _Recorder(Callback):
             runs.atomic_save({"model": unwrap_model(self.learn.model).state_dict(),
                               "opt": self.learn.opt.state_dict(), "state": s.to_dict(),
                               "rng": rng, "epoch_rng": epoch_rng}, self.path / runs.CHECKPOINT)
-        self.saved_step = s.step
+        self.saved_step, self.saved_at = s.step, time.perf_counter()
 
 
 def progress_columns(metrics: Sequence[str], validates: bool) -> list[str]:
@@ -760,6 +820,7 @@ class _Progress(Callback):
 
     def before_fit(self) -> None:
         self.mbar, self.header, self.pbar = master_bar(range(self.learn.n_epoch)), False, None
+        self.mbar.update(0)  # starts its clock: a resumed run enters at a later epoch
         self.columns = progress_columns([cb.metric_name for cb in self.learn.cbs
                                          if isinstance(cb, EpochMetric)], self.validates)
 
@@ -884,23 +945,28 @@ def _param_groups(model: torch.nn.Module, config: TrainConfig,
     return [g for g in groups if g["params"]]
 
 
+def _read_checkpoint(file: Path, **kwargs) -> dict:
+    """A checkpoint file as CPU tensors; a damaged or unsafe one (refused by
+    `weights_only=True`, so it runs no code) is a one-line ValueError naming the file."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{file}: unreadable checkpoint ({first_line}); delete the run folder "
+                         f"{file.parent} to train it again") from None
+
+
 def _load(path: Path) -> dict | None:
     """A run's checkpoint (CPU tensors), or None when it has none."""
     file = path / runs.CHECKPOINT
-    if not file.exists():
-        return None
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{file}: unreadable checkpoint ({err}); delete it to start the run "
-                         "again") from None
+    return _read_checkpoint(file) if file.exists() else None
 
 
 def _load_weights(model: torch.nn.Module, path: Path, config: TrainConfig) -> None:
     """The run's best weights (with `keep_best`, when an epoch had a finite value) or final."""
     best = path / runs.BEST
     file = best if config.keep_best and best.exists() else path / runs.CHECKPOINT
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    state = _read_checkpoint(file, mmap=True)
     unwrap_model(model).load_state_dict(state["model"])
 
 
@@ -918,14 +984,23 @@ def _replay(ckpt: dict | None, rank: int, world: int) -> _Replay | None:
 def _metrics(s: _RunState, config: TrainConfig, path: Path, world: int,
              device: torch.device, compiler: _Compile | None) -> dict:
     last = s.history[-1] if s.history else {}
-    out = {"status": "done", "steps": s.step, "elapsed_s": s.elapsed, "world_size": world,
-           "device": device.type, "run": path.name,
+    diverged = rise_note(s.first_loss, last.get("train_loss", math.nan))
+    out = {"status": "diverged" if diverged else "done", "steps": s.step,
+           "elapsed_s": s.elapsed, "world_size": world, "device": device.type, "run": path.name,
            **{k: v for k, v in last.items() if k not in ("epoch", "step", "elapsed_s")}}
     if compiler is not None:
         out["compile"] = compiler.outcome
     if config.keep_best:
         out.update({f"best_{config.keep_best}": s.best, "best_epoch": s.best_epoch})
+    if diverged:
+        out["diverged"] = diverged
     return out
+
+
+def _warn_if_diverged(metrics: dict, path: Path) -> dict:
+    if metrics.get("status") == "diverged":
+        warnings.warn(f"{path.name}: {metrics['diverged']}", stacklevel=3)
+    return metrics
 
 
 def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = None,
@@ -950,6 +1025,7 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
         raise ValueError("fit needs a loss_func(pred, *targets); pass model_loss for a model "
                          "whose forward returns its own loss first (like MAE)")
     _check_batches(train_dl, "train_dl")
+    _check_fills_a_batch(train_dl, config.batch_size)
     if valid_dl is not None:
         _check_batches(valid_dl, "valid_dl")
     metric_names = {cb.metric_name for cb in cbs if isinstance(cb, EpochMetric)}
@@ -965,8 +1041,8 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
         _barrier()
     elif runs.is_finished(path):
         _load_weights(model, path, config)
-        return RunResult(path, runs.read_history(path), runs.read_metrics(path),
-                         loaded_from_cache=True)
+        metrics = _warn_if_diverged(runs.read_metrics(path), path)
+        return RunResult(path, runs.read_history(path), metrics, loaded_from_cache=True)
     if rank == 0:
         runs.remove_stale_temps(path)
     ckpt = _load(path)
@@ -1008,7 +1084,7 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
             learn.fit(config.epochs)
     except TrainingDiverged as err:
         raise TrainingDiverged(err.step, err.loss, err.since, path) from None
-    metrics = _metrics(s, config, path, world, device, compiler)
+    metrics = _warn_if_diverged(_metrics(s, config, path, world, device, compiler), path)
     if rank == 0:
         runs.write_metrics(metrics, path)
     _barrier()

@@ -135,6 +135,7 @@ def test_crop_resampling_matches_torchvision_distribution():
     assert math.isclose(float(frac.min()), 0.5, abs_tol=0.01)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("augment", [
     MaeAugment(64, mean=0.45, std=0.22, channels=3),

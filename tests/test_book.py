@@ -8,8 +8,12 @@ render with zero warnings.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -29,6 +33,7 @@ from cxr_lib.book import (
     stage_site,
     toc_chapters,
 )
+from cxr_lib.cli import main
 from cxr_lib.profiles import ProfileError, repo_root
 
 PARAMETERS = 'seed = 1\ngreeting = "default"\nprofile = None\nwork_dir = None'
@@ -147,6 +152,59 @@ def test_failing_chapter_names_chapter_and_cell_and_keeps_good_output(tmp_path, 
     assert not (repo / "book" / "chapters").exists()
 
 
+def test_build_refuses_a_chapter_whose_last_run_failed_until_it_succeeds(tmp_path, monkeypatch):
+    """The older good copy of a chapter that then failed must not be rendered as current, nor
+    published."""
+    repo = make_repo(tmp_path, "shared: {greeting: hi}\n")
+    chapter = repo / "notebooks" / "01_data_curation.ipynb"
+    write_notebook(chapter, "One", "value = 1")
+    run_book("tiny", repo=repo)
+    write_notebook(chapter, "One", "value = 1 / 0")
+    with pytest.raises(ChapterError):
+        run_book("tiny", repo=repo, publish=True)
+    assert not (repo / "book" / "chapters").exists()
+    out = repo / "build" / "tiny" / "chapters"
+    assert (out / "01_data_curation.ipynb").is_file()  # the older good run, kept to compare
+    monkeypatch.setattr("cxr_lib.book.repo_root", lambda: repo)
+    with pytest.raises(SystemExit, match=(
+            r"^cxr: error: the last run of chapter 01_data_curation failed \(\S*/build/tiny/"
+            r"chapters/01_data_curation\.failed\.ipynb\): fix it and run `cxr book run "
+            r"--profile tiny --chapters 01_data_curation`.*\(BookError at book\.py:\d+\)$")):
+        main(["book", "build", "--profile", "tiny"])
+    write_notebook(chapter, "One", "value = 2")
+    run_book("tiny", repo=repo)
+    assert not (out / "01_data_curation.failed.ipynb").exists()
+    assert stage_site(repo, out, tmp_path / "site") == ["01_data_curation"]
+
+
+def test_build_refuses_a_chapter_whose_run_was_killed(tmp_path, monkeypatch):
+    """kill -9 of `cxr book run` mid-chapter leaves <stem>.running.ipynb: the older good copy
+    must not be rendered as current either."""
+    repo = make_repo(tmp_path, "shared: {greeting: hi}\n")
+    chapter = repo / "notebooks" / "01_data_curation.ipynb"
+    write_notebook(chapter, "One", "value = 1")
+    run_book("tiny", repo=repo)
+    write_notebook(chapter, "One", "import time\ntime.sleep(120)")
+    script = f"from cxr_lib.book import run_book; run_book('tiny', repo={str(repo)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    out = repo / "build" / "tiny" / "chapters"
+    running = out / "01_data_curation.running.ipynb"
+    deadline = time.monotonic() + 120
+    while not running.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, as a kill -9 of the job
+    proc.wait()
+    monkeypatch.setattr("cxr_lib.book.repo_root", lambda: repo)
+    with pytest.raises(SystemExit, match=r"^cxr: error: the last run of chapter "
+                       r"01_data_curation did not finish \(killed, or still running\)"):
+        main(["book", "build", "--profile", "tiny"])
+    write_notebook(chapter, "One", "value = 2")
+    run_book("tiny", repo=repo)
+    assert not running.exists()
+    assert stage_site(repo, out, tmp_path / "site") == ["01_data_curation"]
+
+
 def test_missing_data_folder_fails_before_any_chapter_runs(tmp_path):
     repo = make_repo(tmp_path, "shared: {data_root: null}\n")
     write_notebook(repo / "notebooks" / "01_ok.ipynb", "OK", "pass")
@@ -165,6 +223,18 @@ def test_chapters_are_picked_by_number_or_name_in_reading_order():
     assert select_chapters(notebooks, ["02", "notebooks/02_b.ipynb"]) == [notebooks[1]]
     with pytest.raises(ProfileError, match=r"no chapter '3'; chapters: 01_a, 02_b, 10_c"):
         select_chapters(notebooks, ["3"])
+
+
+def test_chapters_may_be_separated_by_commas_as_well_as_spaces(monkeypatch):
+    notebooks = [Path(f"nb/{stem}.ipynb") for stem in ("01_a", "02_b", "10_c")]
+    assert select_chapters(notebooks, ["1,2"]) == notebooks[:2]
+    assert select_chapters(notebooks, ["10_c, 1", "2"]) == notebooks
+    with pytest.raises(ProfileError, match=r"no chapter '3'"):
+        select_chapters(notebooks, ["1,3"])
+    ran = []
+    monkeypatch.setattr("cxr_lib.book.run_chapter", lambda nb, parameters, out: ran.append(nb.stem))
+    main(["book", "run", "--profile", "smoke", "--chapters", "1,2", "4"])
+    assert ran == ["01_data_curation", "02_mae_pretraining", "04_finetuning_ablations"]
 
 
 def test_toc_filter_keeps_present_chapters_and_drops_empty_parts():

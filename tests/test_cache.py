@@ -43,6 +43,11 @@ def slow_draw(row: pd.Series) -> np.ndarray:
     return draw_image(row)
 
 
+def sleepy_draw(row: pd.Series) -> np.ndarray:
+    time.sleep(2.0)  # a chunk of 8 takes 16 s: a worker outlives a killed parent by that much
+    return draw_image(row)
+
+
 def flaky_draw(row: pd.Series) -> np.ndarray:
     if row["fail"]:
         raise DataError(f"{row['path']}: cannot decode image (simulated)")
@@ -57,7 +62,8 @@ def explode(row: pd.Series) -> np.ndarray:
     raise AssertionError(f"{row['id']} was decoded again")
 
 
-LOADERS = {"drawn": draw_image, "slow": slow_draw, "flaky": flaky_draw, "float": float_image}
+LOADERS = {"drawn": draw_image, "slow": slow_draw, "sleepy": sleepy_draw, "flaky": flaky_draw,
+           "float": float_image}
 
 
 def make_dataset(n: int = 20, *, h: int = 24, w: int = 24, source: str = "drawn",
@@ -154,6 +160,34 @@ def test_finished_cache_for_same_request_is_returned_without_work(tmp_path):
     np.testing.assert_array_equal(first.images, second.images)
 
 
+def test_identical_content_gives_the_identical_digest_and_other_labels_another(tmp_path):
+    """The digest names what training sees: made at two times, into two folders, from copies
+    of the files in two places, in other chunks, the same pixels and labels give one digest."""
+    first = prepare_cache(png_dataset(tmp_path / "a", 8), tmp_path / "one", size=8, workers=1,
+                          progress=False)
+    time.sleep(1.1)  # another creation time in meta.json
+    second = prepare_cache(png_dataset(tmp_path / "b", 8), tmp_path / "two", size=8, workers=2,
+                           chunk=3, progress=False)
+    metas = [json.loads((c.path / "meta.json").read_text()) for c in (first, second)]
+    assert metas[0]["created"] != metas[1]["created"]
+    assert metas[0]["digest"] == first.digest == second.digest and len(first.digest) == 16
+    relabelled = png_dataset(tmp_path / "b", 8)
+    relabelled.labels[6, 0] = 1 - relabelled.labels[6, 0]  # one label of a test image
+    third = prepare_cache(relabelled, tmp_path / "three", size=8, workers=1, progress=False)
+    assert third.images.tobytes() == first.images.tobytes() and third.digest != first.digest
+
+
+def test_a_cache_made_before_digests_gets_its_digest_computed_with_a_notice(tmp_path, capsys):
+    made = prepare_cache(make_dataset(8), tmp_path / "c", size=8, workers=1, progress=False)
+    meta = json.loads((made.path / "meta.json").read_text())
+    del meta["digest"]
+    (made.path / "meta.json").write_text(json.dumps(meta))
+    old = open_cache(made.path)
+    assert [old.digest, old.digest] == [made.digest] * 2  # computed once, on first use
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and notice[0].startswith(f"{made.path}: made before caches kept")
+
+
 def test_finished_cache_for_other_request_is_refused(tmp_path):
     prepare_cache(make_dataset(8), tmp_path / "c", size=8, workers=1, progress=False)
     with pytest.raises(DataError, match=r"different request \(size 8, requested 16\)"):
@@ -246,6 +280,97 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(cache.index, reference.index)
 
 
+def live_members(group: int) -> list[int]:
+    """The processes of process group `group` that have not ended (zombies left out)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if state != "Z" and int(pgrp) == group:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise TimeoutError in the main thread if the block takes longer (a lock wait too)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def start_preparing(out: Path, n: int, source: str, workers: int, chunk: int,
+                    **popen) -> subprocess.Popen:
+    """`prepare_cache` of make_dataset(n, source=source) into `out`, in a new session."""
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_cache import make_dataset\n"
+        "from cxr_lib.data.cache import prepare_cache\n"
+        f"prepare_cache(make_dataset({n}, source={source!r}), {str(out)!r}, size=8, "
+        f"workers={workers}, chunk={chunk}, progress=False)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, **popen)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes in /proc")
+def test_kill_of_the_parent_alone_stops_its_workers_and_the_rerun_does_not_wait(tmp_path):
+    """kill -9 of the preparing process only (an OOM kill, a closed terminal): its workers used
+    to live on holding the lock, and a rerun waited in it for minutes without a word."""
+    out = tmp_path / "c"
+    proc = start_preparing(out, 32, "sleepy", workers=2, chunk=8)
+    try:
+        limit = time.monotonic() + 60
+        while len(live_members(proc.pid)) < 3:  # the parent and its two workers
+            assert proc.poll() is None, "the preparing process ended before it was killed"
+            assert time.monotonic() < limit, "no two workers within 60 s"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers are decoding their first chunks
+        os.kill(proc.pid, signal.SIGKILL)  # the parent alone, not its process group
+        proc.wait()
+        ds = make_dataset(32, source="sleepy")
+        ds.loaders = {"sleepy": draw_image}  # same request, fast
+        with deadline(30):
+            cache = prepare_cache(ds, out, size=8, workers=2, chunk=8, progress=False)
+        limit = time.monotonic() + 10
+        while live_members(proc.pid):
+            assert time.monotonic() < limit, "orphaned workers still run 10 s after the rerun"
+            time.sleep(0.05)
+    finally:
+        for pid in live_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    reference = prepare_cache(ds, tmp_path / "ref", size=8, workers=1, progress=False)
+    assert cache.images.tobytes() == reference.images.tobytes()
+    pd.testing.assert_frame_equal(cache.index, reference.index)
+    assert check_cache(out)
+
+
+def test_a_process_waiting_for_the_lock_says_which_process_holds_it(tmp_path, capsys):
+    """It used to wait without a word: now one line names the holder and the lock file."""
+    out = tmp_path / "c"
+    proc = start_preparing(out, 80, "slow", workers=1, chunk=4)  # 4 s: this one must wait
+    try:
+        limit = time.monotonic() + 60
+        while not done_chunks(out):
+            assert proc.poll() is None and time.monotonic() < limit, "no chunk within 60 s"
+            time.sleep(0.01)
+        ds = make_dataset(80, source="slow")
+        ds.loaders = {"slow": explode}  # the other process makes it, this one only waits
+        cache = prepare_cache(ds, out, size=8, workers=1, progress=False)
+    finally:
+        proc.wait(timeout=60)
+    waited = capsys.readouterr().err.strip().splitlines()
+    assert len(waited) == 1 and waited[0].startswith(f"{out}: waiting for process {proc.pid} on ")
+    assert "preparing it since" in waited[0] and "c.lock" in waited[0]
+    assert len(cache) == 80 and proc.returncode == 0
+
+
 def test_resume_into_partial_of_other_request_is_refused(tmp_path):
     out = tmp_path / "c"
     with pytest.raises(DataError, match="simulated"):
@@ -314,6 +439,10 @@ def _bad_label(path: Path) -> None:
     _edit_index(path, 2, "B", 2.0)
 
 
+def _changed_label(path: Path) -> None:
+    _edit_index(path, 3, "A", 1.0 - pd.read_parquet(path / "index.parquet")["A"][3])
+
+
 def _zero_image(path: Path) -> None:
     images = np.load(path / "images.npy", mmap_mode="r+")
     images[5] = 0  # as if its chunk had never been written
@@ -326,6 +455,7 @@ CORRUPTIONS = {
     "leaked patient": (_leak_patient, r"patient 'p0'.* in \['test', 'train'\]"),
     "zeroed image": (_zero_image, r"1 image\(s\) are all zero.*row 5 \(id 'img005'\)"),
     "label value": (_bad_label, "row 2 .* label 2.0 for B"),
+    "changed label": (_changed_label, "images or index differ from when it was made"),
 }
 
 

@@ -1,5 +1,7 @@
 """The `cxr data` commands on the real samples, and their one-line errors."""
 
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +91,69 @@ def test_finetune_options_left_out_come_from_the_profile_and_none_turns_a_settin
     assert off.layer_decay is None and off.randaug_magnitude is None
     assert _finetune_recipe("--randaug", "3")[0].randaug_magnitude == 3.0
     assert _finetune_recipe("--epochs", "3")[1].epochs == 3
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--size", "0"], "size must be a whole number >= 1, got 0"),
+    (["--size", "-8"], "size must be a whole number >= 1, got -8"),
+    (["--size", "8"], "phantom size must be at least 16 pixels, got 8"),
+    (["--count", "0"], "count must be a whole number >= 1, got 0"),
+    (["--workers", "0"], "workers must be a whole number >= 1, got 0"),
+    (["--workers", "-2"], "workers must be a whole number >= 1, got -2"),
+    (["--val-fraction", "1.5"], r"val_fraction must be in \[0, 1\), got 1.5"),
+    (["--seed", "-1"], "seed must be a whole number >= 0, got -1"),
+])
+def test_a_prepare_option_out_of_range_is_refused_before_anything_is_made(
+        tmp_path, options, message):
+    with pytest.raises(SystemExit, match=f"^cxr: error: {message} \\(ValueError at "):
+        main(["data", "prepare", "--source", "phantom", "--count", "4", "--out",
+              str(tmp_path / "out"), *options])
+    assert list(tmp_path.iterdir()) == []  # no cache, no .partial folder, no lock file
+
+
+def test_a_size_of_zero_for_real_images_is_refused_before_anything_is_made(tmp_path):
+    """It used to decode into a .partial folder and end in a ZeroDivisionError."""
+    with pytest.raises(SystemExit, match="^cxr: error: size must be a whole number >= 1, got 0"):
+        main(["data", "prepare", "--source", "chestxray14", "--root",
+              str(sample("nih-cxr14-fullres")), "--size", "0", "--out", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def copy_pediatric(root: Path, per_class: int = 3) -> Path:
+    """A few real pediatric images in the folder-per-class layout, under `root`."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        files = sorted((sample("pediatric-pneumonia-sample") / "train" / cls).iterdir())
+        (root / "train" / cls).mkdir(parents=True)
+        for file in files[:per_class]:
+            shutil.copy(file, root / "train" / cls / file.name)
+    return root
+
+
+@pytest.mark.parametrize("spelling", ["peds", "peds/", "./peds", "../work/peds",
+                                      "peds/train/.."])
+def test_the_same_root_spelt_another_way_is_the_same_request(tmp_path, monkeypatch, capsys,
+                                                             spelling):
+    """The plan table keeps each image's path: one root given absolute, then relative (with
+    `..`, `.` or a trailing slash), must name the same files, so the cache is reused."""
+    root = copy_pediatric(tmp_path / "work" / "peds")
+    out = tmp_path / "cache"
+    prepare = ["data", "prepare", "--source", "folder", "--size", "16", "--out", str(out),
+               "--workers", "1", "--root"]
+    main([*prepare, str(root)])
+    monkeypatch.chdir(root.parent)
+    main([*prepare, spelling])
+    assert "6 images of 16x16" in capsys.readouterr().out
+    assert set(open_cache(out).index["path"]) == {str(p) for p in root.rglob("*.jpeg")}
+
+
+def test_another_root_with_the_same_files_is_still_another_request(tmp_path):
+    first = copy_pediatric(tmp_path / "a" / "peds")
+    other = tmp_path / "b" / "peds"
+    shutil.copytree(first, other)  # same ids (source "peds"), other files
+    out = tmp_path / "cache"
+    prepare = ["data", "prepare", "--source", "folder", "--size", "16", "--out", str(out),
+               "--workers", "1", "--root"]
+    main([*prepare, str(first)])
+    with pytest.raises(SystemExit, match=f"different request \\(path at row 0 is "
+                                         f"'{first}/.*', requested '{other}/"):
+        main([*prepare, str(other)])

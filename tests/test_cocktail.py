@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,15 @@ import torch
 from cxr_lib import cocktail
 from cxr_lib.augment import pixel_stats, random_rotate
 from cxr_lib.cocktail import (
+    NO_FINDING,
+    auc_both_ways,
     auc_separation,
     chest_share_weights,
     cocktail_sources,
     medtransformer_finetune_config,
     medtransformer_finetune_recipe,
     medtransformer_pretrain_config,
+    medtransformer_scores,
     medtransformer_start,
     mix_stats,
     painter_sentence,
@@ -26,8 +30,9 @@ from cxr_lib.cocktail import (
     row_weights,
     source_shares,
     told_apart,
+    with_no_finding,
 )
-from cxr_lib.data.cache import prepare_cache
+from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.core import FINDINGS, XrayDataset, merge
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import phantom_dataset
@@ -153,10 +158,11 @@ def test_the_mae_continues_hieras_imagenet_mae_not_its_fine_tuned_classifier(mon
 
 def test_presets_are_medtransformers_recipes():
     pre = medtransformer_pretrain_config(epochs=3)
-    assert (pre.optimizer, pre.schedule, pre.batch_size, pre.epochs) == ("adam", "one_cycle",
-                                                                         64, 3)
-    assert pre.lr == pytest.approx(1e-4)
     fine = medtransformer_finetune_config()
+    assert (pre.optimizer, pre.schedule, pre.batch_size, pre.epochs) == (
+        "adam", "torch_one_cycle", 64, 3)
+    assert pre.pct_start == fine.pct_start == 0.3  # torch's OneCycleLR as it comes
+    assert pre.lr == pytest.approx(1e-4)
     assert (fine.epochs, fine.batch_size, fine.weight_decay) == (10, 64, 1e-8)
     assert fine.lr == pytest.approx(1e-4) and fine.optimizer == "adam"
     assert pre.betas == fine.betas == (0.9, 0.999)  # torch's Adam as it comes
@@ -316,3 +322,63 @@ def test_painters_that_did_not_learn_are_named():
     assert "blank prediction: 0.9800, which B did not beat) also gave the best" in said
     with pytest.raises(ValueError, match="aligned"):
         painter_sentence(["A"], [heldout(0.6)], [0.7, 0.6], lambda a, b: True)
+
+
+def test_medtransformers_labels_add_no_finding_where_every_finding_is_absent(tmp_path):
+    labels = np.array([[0, 0], [1, 0], [np.nan, 0], [np.nan, 1]], dtype=np.float32)
+    index = pd.DataFrame({"id": list("abcd"), "split": "train"})
+    cache = Cache(tmp_path, "nih", np.zeros((4, 2, 2), np.uint8), index, labels, ["A", "B"], 2)
+    fifteen = with_no_finding(cache)
+    assert fifteen.findings == ["A", "B", NO_FINDING] and fifteen.images is cache.images
+    np.testing.assert_array_equal(fifteen.labels[:, 2], [1, 0, np.nan, 0])
+    assert fifteen.name != cache.name  # another run, not the 14-label one loaded
+    with pytest.raises(ValueError, match="unknown label set 'nih15'"):
+        cocktail.label_set(cache, "nih15")
+    assert cocktail.label_set(cache, "findings") is cache
+
+
+def test_medtransformers_scores_are_a_softmax_over_the_outputs_then_a_sigmoid():
+    """As its report's evaluation scores them: eval-mode Hiera's head is a softmax, the script
+    adds a sigmoid. Each label's own logit ranks it perfectly here, yet image 2's large logit
+    for the other label squashes its score: AUC 1 for our sigmoid per label, not for theirs."""
+    logits = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 9.0], [-1.0, 0.0]])
+    targets = np.array([[0, 0], [1, 0], [1, 1], [0, 0]], dtype=np.float32)
+    z = torch.from_numpy(logits)
+    expected = torch.sigmoid(torch.softmax(z, dim=1)).numpy()
+    np.testing.assert_allclose(medtransformer_scores(logits), expected, rtol=1e-12)
+    ours, theirs = auc_both_ways(logits, targets, ["A", "B"])
+    assert ours == 1.0 and theirs == pytest.approx((0.5 + 1.0) / 2)  # A: 2 of 4 pairs
+    with_nf = np.column_stack([targets, [1, 0, 0, 1]])
+    ours, _ = auc_both_ways(np.column_stack([logits, -logits[:, 0]]), with_nf,
+                            ["A", "B", NO_FINDING])
+    assert ours == 1.0  # No Finding left out of ours
+
+
+def test_medtransformers_view_is_the_central_224_of_256_of_the_same_pixels(cache):
+    """Resize to 256, crop the central 224: of this 8 px cache, the central 7 px (0.875)."""
+    cropped = cocktail.center_cropped(cache, cocktail.MEDTRANSFORMER_CROP)
+    assert cropped.size == 7 and cropped.name != cache.name  # other runs
+    x, _ = next(iter(CacheBatches(cropped, "train", 4)))  # [4, 1, 7, 7]
+    assert torch.equal(x[:, 0], torch.from_numpy(np.array(cache.images[:4, 0:7, 0:7])))
+    assert cocktail.center_cropped(cache, 1.0) is cache
+    with pytest.raises(ValueError, match="center_crop must lie in"):
+        cocktail.center_cropped(cache, 1.5)
+
+
+def test_medtransformers_fixed_statistics_or_ours_of_the_mix(cache):
+    weights = {"dark": 1.0, "bright": 1.0}
+    assert cocktail.normalisation("mix", cache, weights) == mix_stats(cache, weights)
+    assert cocktail.normalisation("medtransformer", cache, weights) == (0.5066, 0.2241)
+    with pytest.raises(ValueError, match="unknown normalisation 'imagenet'"):
+        cocktail.normalisation("imagenet", cache, weights)
+
+
+def test_a_runs_stored_test_scores_are_scored_both_ways_by_image_id(cache, tmp_path):
+    rows = np.array([3, 0, 44, 12, 40])  # dark rows are 0-39, bright 40-49
+    logits = np.array([[0.1], [0.4], [2.0], [-1.0], [0.9]])
+    labelled = dataclasses.replace(cache, labels=(np.arange(50) >= 40).astype(np.float32)[:, None])
+    table = pd.DataFrame({"id": cache.index["id"].to_numpy()[rows], "Pneumonia": logits[:, 0]})
+    table.to_parquet(tmp_path / cocktail.TEST_SCORES)
+    assert cocktail.stored_test_aucs(tmp_path, labelled) == auc_both_ways(
+        logits, labelled.labels[rows], ["Pneumonia"])
+    assert cocktail.stored_test_aucs(tmp_path, labelled)[0] == 1.0

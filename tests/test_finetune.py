@@ -14,6 +14,7 @@ from fastai.callback.core import Callback
 
 from cxr_lib import finetune as ft
 from cxr_lib.cli import main
+from cxr_lib.data.cache import prepare_cache
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.finetune import (
     PAPER_EVAL_CROP,
@@ -30,6 +31,7 @@ from cxr_lib.finetune import (
 )
 from cxr_lib.models import classifier
 from cxr_lib.models.classifier import WeightsUnavailable
+from cxr_lib.pretrain import cache_identity
 from cxr_lib.runs import weights_digest
 from cxr_lib.study import chapter_cache
 from cxr_lib.train import mean_auc, schedule_at
@@ -226,6 +228,22 @@ def test_a_finished_run_loads_its_best_classifier_without_training(cache, tmp_pa
     assert rows.tolist() == cache.split_indices("val").tolist()
     assert mean_auc(scores, cache.labels[rows])[0] == pytest.approx(result.valid_auc)
 
+
+
+def test_a_cache_remade_with_other_test_labels_trains_its_own_run(tmp_path, capsys):
+    """Same pixels, three test labels changed: `cxr finetune` used to print "loaded the finished
+    run" and the old cache's test AUC."""
+    datasets = [phantom_dataset(60, size=32, seed=2) for _ in range(2)]
+    test = np.flatnonzero(datasets[1].meta["split"] == "test")[:3]
+    datasets[1].labels[test, 0] = 1 - datasets[1].labels[test, 0]
+    old, new = (prepare_cache(ds, tmp_path / name, size=32, workers=1, progress=False)
+                for ds, name in zip(datasets, ("old", "new"), strict=True))
+    assert old.images.tobytes() == new.images.tobytes()
+    assert cache_identity(old) != cache_identity(new)
+    command = ["finetune", "--profile", "smoke", "--runs", str(tmp_path / "runs"), "--data"]
+    for cache, state in ((old, "trained"), (new, "trained"), (old, "loaded the finished run")):
+        main([*command, str(cache.path)])
+        assert f"{state} {tmp_path / 'runs'}" in capsys.readouterr().out
 
 
 def test_the_papers_rgb_input_and_view_are_options_that_leave_default_runs_named_as_before(

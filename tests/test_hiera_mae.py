@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.hiera import Hiera
 from timm.optim import param_groups_layer_decay
 
@@ -145,6 +146,69 @@ def test_patchify_and_unpatchify_invert_each_other_in_raster_order(mae):
     assert torch.equal(tokens[:, 8 * 2 + 5], x[:, 0, 16:24, 40:48].flatten(1))  # row 2, col 5
 
 
+def test_rgb_tokens_order_their_pixels_channel_first_as_hieras_mae_does():
+    """Hiera's MAE targets a token's pixels channel by channel, each channel row by row: the
+    order of torch's `F.unfold`, written here independently of `patchify`."""
+    mae = tiny(in_chans=3)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    tokens = mae.patchify(x)  # [2, 64, 3*8*8]
+    assert torch.equal(tokens, F.unfold(x, 8, stride=8).transpose(1, 2))
+    assert torch.equal(mae.unpatchify(tokens), x)
+
+
+def released_rgb_mae(tmp_path) -> tuple[HieraMae, str]:
+    """A file as facebookresearch/hiera releases its MAEs (and med-hiera continues them):
+    {"model_state": ...} in the official names, RGB, decoder included; `decoder_pred` row
+    c*p*p + r*p + q predicts channel c, row r, column q of its token."""
+    released = tiny(seed=7, in_chans=3).eval()
+    path = tmp_path / "mae_hiera_tiny_224.pth"
+    torch.save({"model_state": released.state_dict(), "epoch": 400}, path)
+    return released, str(path)
+
+
+def hieras_loss(x, pred, mask):
+    """The loss as Hiera's MAE describes it: each token's pixels channel-major, normalised by
+    their mean and unbiased variance (+1e-6), squared error averaged over the hidden tokens."""
+    target = F.unfold(x, 8, stride=8).transpose(1, 2)  # [B, L, C*8*8]
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    hidden = mask.bool()
+    return ((pred[hidden] - target[hidden]) ** 2).mean()
+
+
+def test_a_released_rgb_mae_loads_and_scores_the_loss_hiera_describes(tmp_path):
+    _, path = released_rgb_mae(tmp_path)
+    mae = tiny(seed=1, in_chans=3).eval()
+    report = load_start(mae, "imagenet", path)
+    assert report.missing == report.unexpected == report.adapted == []
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loss, pred, mask = mae(x)
+    assert loss.item() == pytest.approx(hieras_loss(x, pred, mask).item(), abs=1e-6)
+    # The ViT MAE's (row, col, channel) order would score the same predictions otherwise.
+    rgb_last = mae.loss_target(x).view(2, 64, 3, 64).transpose(2, 3).flatten(2)  # [B, L, 192]
+    assert abs(((pred - rgb_last)[mask.bool()] ** 2).mean() - loss) > 1e-4
+
+
+def test_a_grey_mae_loads_a_released_rgb_mae_whole(tmp_path):
+    """The patch projection summed over channels (timm's `adapt_input_conv`), each pixel's three
+    `decoder_pred` rows averaged: on a grey image the grey MAE predicts the mean of the RGB
+    MAE's three channels on that image replicated, everything else loaded as it is."""
+    released, path = released_rgb_mae(tmp_path)
+    mae = tiny(seed=1).eval()
+    report = load_start(mae, "imagenet", path)
+    assert report.missing == report.unexpected == []
+    assert sorted(report.adapted) == ["decoder_pred.bias", "decoder_pred.weight",
+                                      "patch_embed.proj.weight"]
+    x = images()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        _, grey, mask = mae(x)  # [B, L, 8*8]
+        torch.manual_seed(4)
+        _, rgb, rgb_mask = released(x.expand(-1, 3, -1, -1))  # [B, L, 3*8*8]
+    assert torch.equal(mask, rgb_mask)
+    assert torch.allclose(grey, rgb.view(2, 64, 3, 64).mean(2), atol=1e-5)
+
+
 def test_backward_reaches_encoder_fusion_and_decoder():
     mae = tiny()
     loss, _, _ = mae(images())
@@ -268,3 +332,21 @@ def test_the_released_mae_checkpoint_continues_whole(tmp_path):
     assert report.missing == [] and report.unexpected == []
     for name, value in released.state_dict().items():
         assert torch.equal(mae.state_dict()[name], value), name
+
+
+def test_an_rgb_mae_continues_a_grey_one_with_each_pixels_row_repeated(tmp_path):
+    """The reverse: a grey file into an RGB MAE, whose three channels on a grey image copied to
+    RGB then predict what the grey MAE predicts (timm spreads the grey projection over them)."""
+    grey = tiny(seed=7).eval()
+    path = tmp_path / "grey_mae.pth"
+    torch.save({"model_state": grey.state_dict()}, path)
+    mae = tiny(seed=1, in_chans=3).eval()
+    report = load_start(mae, "imagenet", path)
+    assert report.missing == report.unexpected == [] and "decoder_pred.weight" in report.adapted
+    x = images()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        _, ours, _ = grey(x)  # [B, L, 64]
+        torch.manual_seed(4)
+        _, rgb, _ = mae(x.expand(-1, 3, -1, -1))  # [B, L, 3*64]
+    assert torch.allclose(rgb, ours.repeat(1, 1, 3), atol=1e-5)

@@ -23,11 +23,13 @@ from cxr_lib.localize import (
     attention_map,
     attention_rollout,
     box_scores,
+    boxes_of,
     grad_cam,
     peak_ratio,
     rollout,
     scale_boxes,
     score_boxes,
+    score_image_maps,
 )
 
 DIM, PATCH, SIZE = 16, 8, 32  # a 4 x 4 patch grid
@@ -268,6 +270,40 @@ def test_score_boxes_refuses_unmapped_findings_and_mismatched_maps():
         score_boxes(np.ones((2, 64, 64)), boxes_1024())
     with pytest.raises(ValueError, match="image_size 32 differs"):
         score_boxes(np.ones((3, 64, 64)), boxes_1024(), image_size=32)
+
+
+def test_an_image_with_two_boxes_has_its_map_scored_against_each_box():
+    """One map per image, as the chapter draws them; b.png carries two boxes (Cardiomegaly at
+    [0, 0, 32, 64] and Infiltration at [16, 48, 16, 16] in 64-px pixels), a.png one."""
+    maps = np.zeros((3, 64, 64))  # [images, S, S]
+    maps[0, 10, 5] = 1.0  # b.png: inside its Cardiomegaly box, outside its Infiltration box
+    maps[1] = 1.0  # c.png, which has no box
+    maps[2, 18, 35] = 1.0  # a.png: inside its Infiltration box
+    with pytest.raises(ValueError, match="one map per box"):
+        score_boxes(maps[[0, 2]], boxes_1024())  # maps per image are not maps per box
+    out = score_image_maps(maps, ["b.png", "c.png", "a.png"], boxes_1024(), 64)
+    out = out.set_index("finding")
+    assert out["boxes"].to_dict() == {"Cardiomegaly": 1, "Infiltration": 2, ALL: 3}
+    assert out["hit_rate"].to_dict() == {"Cardiomegaly": 1.0, "Infiltration": 0.5, ALL: 2 / 3}
+    assert out["mass_inside"].to_dict() == {"Cardiomegaly": 1.0, "Infiltration": 0.5,
+                                            ALL: 2 / 3}
+    # a uniform map of b.png puts each box's share of the image inside that box
+    uniform = score_image_maps(np.ones((1, 64, 64)), ["b.png"], boxes_1024()).set_index("finding")
+    assert uniform["mass_inside"].to_dict() == {"Cardiomegaly": 0.5, "Infiltration": 1 / 16,
+                                                ALL: (0.5 + 1 / 16) / 2}
+
+
+def test_boxes_of_groups_the_boxes_by_image_and_points_at_each_ones_map():
+    boxes, owner = boxes_of(["b.png", "a.png"], boxes_1024())
+    assert boxes["id"].tolist() == ["b.png", "b.png", "a.png"]
+    assert boxes["finding"].tolist() == ["Cardiomegaly", "Infiltration", "Infiltration"]
+    assert owner.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="image id 'a.png' is given twice"):
+        boxes_of(["a.png", "a.png"], boxes_1024())
+    with pytest.raises(ValueError, match="one map per image"):
+        score_image_maps(np.ones((1, 64, 64)), ["a.png", "b.png"], boxes_1024())
+    with pytest.raises(ValueError, match="none of the 1 images has a box"):
+        score_image_maps(np.ones((1, 64, 64)), ["c.png"], boxes_1024())
 
 
 def real_box_file() -> Path:

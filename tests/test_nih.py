@@ -270,6 +270,16 @@ def test_dataset_from_synthetic_root(tmp_path):
     assert ds.load_image(0).tolist() == np.full((8, 8), 100, dtype=np.uint8).tolist()
 
 
+def test_image_paths_do_not_depend_on_how_the_root_is_spelt(tmp_path, monkeypatch):
+    """A cache request compares the paths: `nih`, `./nih/` and `x/../nih` are the same files."""
+    root = make_nih(tmp_path / "nih", TINY, TINY_TRAIN_VAL, TINY_TEST)
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    paths = [read_chestxray14(r).meta["path"].tolist() for r in (root, "nih", "./nih/", "x/../nih")]
+    assert all(p == paths[0] for p in paths)
+    assert paths[0][0] == str(root / "images" / "00000001_000.png")
+
+
 def xiao_list(path: Path, names: list[str]) -> Path:
     """A split list in Xiao et al.'s format (`data_splits/chestxray/*_official.txt`): an image
     name, then its 14 labels as 0/1, per line."""

@@ -9,6 +9,7 @@ import nbformat
 import papermill
 import pytest
 
+from cxr_lib.data.samples import SHIPPED
 from cxr_lib.profiles import ProfileError, available_profiles, load_profile, repo_root
 
 SHARED_KEYS = {"seed", "device", "data_root", "pediatric_root", "n_phantoms", "phantom_size",
@@ -159,14 +160,23 @@ def test_shipped_profiles_pass_only_parameters_the_chapters_declare(name, tmp_pa
     assert params["profile"] == name and params["device"] == "auto"
 
 
-def test_gpu_sample_points_at_the_samples_and_explains_a_missing_variable(tmp_path, monkeypatch):
+def test_gpu_sample_reads_the_shipped_samples_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXR_SAMPLE_DATA", raising=False)
+    shared = load_profile("gpu-sample").shared
+    assert shared["data_root"] == str(SHIPPED / "nih-cxr14-sample")
+    assert shared["pediatric_root"] == str(SHIPPED / "pediatric-pneumonia-sample")
+    assert len(list(Path(shared["data_root"], "images").glob("*.png"))) == 621
     monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
     shared = load_profile("gpu-sample").shared
     assert shared["data_root"] == str(tmp_path / "nih-cxr14-sample")
     assert shared["pediatric_root"] == str(tmp_path / "pediatric-pneumonia-sample")
-    monkeypatch.delenv("CXR_SAMPLE_DATA")
-    with pytest.raises(ProfileError, match=r"set CXR_SAMPLE_DATA or pass --data-root"):
-        load_profile("gpu-sample")
+
+
+def test_a_variable_without_a_default_is_explained(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXR_NIH_ROOT", raising=False)
+    with pytest.raises(ProfileError, match=r"uses \$\{CXR_NIH_ROOT\}, which is not set: set "
+                       r"CXR_NIH_ROOT or pass --data-root"):
+        load_profile("paper")
 
 
 def test_shipped_profiles_grow_from_smoke_to_paper(tmp_path, monkeypatch):

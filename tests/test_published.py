@@ -9,7 +9,7 @@ from test_browser import check_book_in_browser
 from test_chapters import CHAPTERS, ROOT, assert_reads_cleanly
 
 from cxr_lib.book import build_book
-from cxr_lib.published import published_chestxray14, published_for
+from cxr_lib.published import medtransformer_per_label, published_chestxray14, published_for
 
 EDITION = ROOT / "book" / "chapters"
 
@@ -26,6 +26,13 @@ def test_published_table_holds_the_papers_headline_numbers():
     tested = table.set_index("source")["tested on"]
     assert set(tested["Xiao et al. 2023"]) == {"the official test split (25,596 images)"}
     assert "last third" in tested["Deutch and Levin (MedTransformer)"]
+
+
+def test_medtransformers_per_label_table_averages_to_its_headline():
+    per_label = medtransformer_per_label()
+    assert len(per_label) == 15 and per_label["No Finding"] == 79.14
+    assert per_label.mean() == pytest.approx(81.68, abs=0.005)  # its 81.6, No Finding in
+    assert per_label.drop("No Finding").mean() == pytest.approx(81.86, abs=0.005)
 
 
 def test_a_models_published_rows_are_found_by_this_projects_name():

@@ -25,6 +25,7 @@ def test_auto_after_cpu_takes_the_gpu_again_when_there_is_one():
     assert defaults.use_cuda is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_a_numbered_gpu_becomes_the_one_fastai_trains_on():
     assert resolve_device("cuda:1") == torch.device("cuda", 1) == default_device()

@@ -5,6 +5,7 @@ Tiny models on tiny in-memory tensors. Run as a script (`python test_train.py RO
 file is the training process that the resume test kills with SIGKILL after step STEP.
 """
 
+import dataclasses
 import math
 import os
 import random
@@ -30,6 +31,8 @@ from cxr_lib.train import (
     masked_bce_loss,
     mean_auc,
     model_loss,
+    schedule_at,
+    torch_one_cycle,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -135,6 +138,29 @@ def test_one_cycle_schedule(tmp_path):
     assert rec.beta1[-1] > 0.9
 
 
+@pytest.mark.parametrize("epochs, per_epoch", [(2, 4), (3, 7), (1, 1)])
+def test_torch_one_cycle_is_torchs_one_cycle_lr_step_by_step(epochs, per_epoch):
+    """torch's own scheduler, stepped as a training loop steps it, sets the lr and Adam's beta1
+    of every optimizer step: a peak between two steps (at 2 x 4 x 0.3 - 1 = 1.4), and a run of
+    a single step."""
+    cfg = TrainConfig(epochs=epochs, batch_size=64, base_lr=4e-4, schedule="torch_one_cycle",
+                      pct_start=0.3)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=epochs,
+                                                steps_per_epoch=per_epoch)
+    for step in range(epochs * per_epoch):
+        group = opt.param_groups[0]
+        ours = schedule_at(cfg, step, per_epoch)
+        assert ours == pytest.approx((group["lr"], group["betas"][0]), rel=1e-12, abs=1e-18)
+        opt.step()
+        sched.step()
+
+
+def test_torch_one_cycle_takes_a_rise_ending_at_step_0_as_done():
+    """pct_start x total = 1 ends the rise at step 0, where torch divides by zero."""
+    assert torch_one_cycle(1.0, 0.25, 0, 4) == (1.0, 0.85)
+
+
 @pytest.mark.parametrize("name, torch_type", [("adamw", torch.optim.AdamW),
                                               ("adam", torch.optim.Adam),
                                               ("sgd", torch.optim.SGD)])
@@ -230,6 +256,43 @@ def test_crash_at_an_epoch_end_then_resume_is_bit_identical(tmp_path, reference)
     _assert_same_run(resumed, reference)
 
 
+@pytest.mark.parametrize("bars", ["console", "notebook"])
+def test_resume_with_the_progress_display_on(tmp_path, reference, monkeypatch, bars):
+    """A user's run shows its bars; resuming one entered the epoch bar at a later epoch and
+    failed at once ('ConsoleProgressBar' object has no attribute 'start_t')."""
+    from fastprogress import fastprogress
+
+    if bars == "notebook":  # the HTML bars, as a chapter shows them, into a stand-in display
+        import IPython.display
+
+        class Shown:
+            def update(self, obj):
+                self.last = obj
+
+        monkeypatch.setattr(IPython.display, "display", lambda *a, **k: Shown())
+        monkeypatch.setattr(train, "master_bar", fastprogress.NBMasterBar)
+        monkeypatch.setattr(train, "progress_bar", fastprogress.NBProgressBar)
+    with pytest.raises(_Crash):
+        _resume_fit(tmp_path, [_CrashAt(11)])
+    model = _model()
+    train_dl, valid_dl = _loaders()
+    res = fit(model, train_dl, valid_dl, RESUME, tmp_path, "test", cbs=[ValidAUC()],
+              loss_func=masked_bce_loss, batch_tfm=_augment, valid_tfm=_to_float)
+    assert res.resumed_from_step == 10
+    _assert_same_run((model, res), reference)
+
+
+def test_an_epoch_end_checkpoints_once_its_minutes_have_passed(tmp_path, reference):
+    """Step checkpoints alone left a short run with nothing to resume from."""
+    config = dataclasses.replace(RESUME, checkpoint_every=1000, checkpoint_minutes=1e-9)
+    with pytest.raises(_Crash):
+        _fit(_model(), tmp_path, config, cbs=[ValidAUC(), _CrashAt(8)], batch_tfm=_augment)
+    model = _model()
+    res = _fit(model, tmp_path, config, cbs=[ValidAUC()], batch_tfm=_augment)
+    assert res.resumed_from_step == 5  # the end of epoch 0, not the start
+    _assert_same_run((model, res), reference)
+
+
 # ----------------------------------------------------------------------------- NaN guard
 
 class _PlantNaN:
@@ -259,6 +322,70 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, every, mess
 
 
 # ----------------------------------------------------------------------------- run cache
+
+def test_a_nan_before_any_checkpoint_says_there_is_none(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=6, checkpoint_every=100, nan_check_every=1)
+    with pytest.raises(TrainingDiverged) as info:
+        _fit(_model(), tmp_path, cfg, batch_tfm=_PlantNaN(2))
+    message = str(info.value)
+    assert "No checkpoint" in message and "untouched" not in message
+    assert "--grad-clip" in message and "--base-lr" in message
+
+
+class _BlowUp:
+    """A train batch transform that scales the inputs up 10x more every step from `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return _to_float(x) * 10.0 ** max(0, self.calls - self.at + 1)
+
+
+def test_a_finite_blow_up_is_recorded_as_diverged(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=6, base_lr=0.5)
+    with pytest.warns(UserWarning, match="diverged: its train loss rose from"):
+        res = _fit(_model(), tmp_path, cfg, batch_tfm=_BlowUp(6))
+    assert all(math.isfinite(v) for v in res.history["train_loss"])
+    assert res.metrics["status"] == "diverged" and "--base-lr" in res.metrics["diverged"]
+    assert runs.is_finished(res.path)  # finished: a rerun loads it and says so again
+    with pytest.warns(UserWarning, match="diverged"):
+        again = _fit(_model(), tmp_path, cfg, batch_tfm=_BlowUp(6))
+    assert again.loaded_from_cache and again.metrics["status"] == "diverged"
+    calm = _fit(_model(), tmp_path / "calm", cfg)
+    assert calm.metrics["status"] == "done" and "diverged" not in calm.metrics
+
+
+@pytest.mark.parametrize("first, last, diverged", [
+    (0.69, 0.2, False), (0.69, 0.69 * 4, False), (0.69, 0.69 * 4.01, True),
+    (3.18, 322953.0, True), (None, 5.0, False), (0.0, 5.0, False), (math.nan, 5.0, False),
+    (0.69, math.nan, False)])
+def test_rise_note(first, last, diverged):
+    note = train.rise_note(first, last)
+    assert (note is not None) == diverged
+    if diverged:
+        assert note.startswith("the run diverged: its train loss rose from") and "4x" in note
+
+
+class _Unsafe:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_damaged_checkpoint_of_a_finished_run_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(epochs=1, batch_size=6)
+    run = _fit(_model(), tmp_path, cfg).path
+    good = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(good[:len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"last\.pt: unreadable checkpoint .*delete the run"):
+        _fit(_model(), tmp_path, cfg)
+    torch.save({"model": _Unsafe()}, run / "last.pt")  # a pickle that would run a command
+    with pytest.raises(ValueError, match=r"last\.pt: unreadable checkpoint") as info:
+        _fit(_model(), tmp_path, cfg)
+    assert "\n" not in str(info.value) and not (tmp_path / "pwned").exists()
+
 
 def test_finished_run_is_loaded_and_force_retrains(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=6, base_lr=0.5, checkpoint_every=100)

@@ -14,6 +14,7 @@ def test_on_the_cpu_it_is_a_plain_move_and_converts_the_dtype():
     assert to_device(t, torch.device("cpu")) is t  # nothing to move, nothing copied
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_copy_is_queued_without_a_host_sync():
     t = torch.rand(64, 3, 3, dtype=torch.float64)[:, :2]  # strided, like RandAugment's maps

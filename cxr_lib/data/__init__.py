@@ -6,6 +6,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    check_whole,
     merge,
     read_image,
 )
@@ -26,7 +27,16 @@ def open_source(source: str, root=None, *, val_fraction: float = 0.1, seed: int 
                 count: int = 1000, size: int = 128, split_lists=None) -> XrayDataset:
     """Open a data source by name: 'chestxray14', 'folder', 'chexpert' or 'covid19_radiography'
     (read from `root`), or 'phantom' (`count` synthetic images of `size` pixels; `root` unused).
-    `split_lists` (train, val, test files; ChestX-ray14 only) replace the drawn validation."""
+    `split_lists` (train, val, test files; ChestX-ray14 only) replace the drawn validation.
+
+    Every option is checked first, for every source: a value out of range is a mistake even
+    where this source ignores it, and refusing it here leaves nothing half-made.
+    """
+    check_whole("count", count, 1)
+    check_whole("size", size, 1)
+    check_whole("seed", seed, 0)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if split_lists is not None and source != "chestxray14":
         raise DataError(f"split lists are read for chestxray14 only, not {source!r}")
     if source == "chestxray14":

@@ -5,7 +5,8 @@ A cache is a folder holding
 - `index.parquet`: one row per image (id, patient, split, source, path, orig_height,
   orig_width, then one float32 column per finding with NaN kept);
 - `meta.json`: findings, size, count, source names, data set name, format version, creation
-  time and `complete: true`.
+  time, the content digest (`digest`, by which a run names the data it used) and
+  `complete: true`.
 
 Non-square originals are center-cropped to a square on their shorter side, then resized. We
 crop rather than squash or pad: squashing changes the aspect ratio of the anatomy (the heart's
@@ -21,36 +22,50 @@ run keeps its finished chunks; rerunning the same request skips them. `meta.json
 `complete: true` is written last and the folder is renamed to `out`, so a half-written cache
 is never taken for a finished one. One process prepares a folder at a time (an exclusive lock
 on `<out>.lock`): a second one asking for the same cache, another chapter or another rank,
-waits and then opens the finished cache.
+says which process it waits for, waits, and then opens the finished cache. The workers never
+hold that lock and end with the process that started them, so a killed preparation (even by
+kill -9 of the parent alone) frees its folder at once for the rerun that resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
+import signal
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm  # text bars: they render in the static book without widget JavaScript
 
-from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint
+from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint, check_whole
 
 try:
     import fcntl  # POSIX; on Windows preparation goes unlocked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-FORMAT = 1
+FORMAT = 2  # 2: meta.json holds the content digest
 KEY_COLUMNS = ("id", "patient", "split", "source", "path")  # what the pixels and rows depend on
+_PR_SET_PDEATHSIG = 1  # prctl(2), Linux: a signal the kernel sends when the parent ends
+# Record locks do not exclude two threads of one process: this does, around the file lock.
+_THREADS = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -64,9 +79,22 @@ class Cache:
     labels: np.ndarray = field(repr=False)  # float32 [N, F]; 1, 0 or NaN
     findings: list[str]
     size: int
+    stored_digest: str | None = field(default=None, repr=False)  # None: made before FORMAT 2
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The content digest made with the cache, or for a cache made before digests existed,
+        computed on first use (once per open, with a notice). It is not written back: a finished
+        cache never changes, may be read-only, and is read by other processes without a lock."""
+        if self.stored_digest is not None:
+            return self.stored_digest
+        print(f"{self.path}: made before caches kept a content digest; computing it from its "
+              f"{len(self)} images and index (prepare it into a fresh folder to keep one)",
+              file=sys.stderr, flush=True)
+        return content_digest(self.images, self.index, self.findings)
 
     def __reduce__(self):
         # Pickle by path so DataLoader workers re-map the file instead of copying the pixels.
@@ -98,6 +126,23 @@ class _Chunk:
     size: int
 
 
+def content_digest(images: np.ndarray, index: pd.DataFrame, findings: list[str]) -> str:
+    """A short SHA-256 of what training sees: the pixels uint8 [N, S, S] and the index but its
+    `path` (ids, patients, splits, sources, original sizes, labels). Where the files lay, where
+    and when the cache was made are left out, so equal content gives an equal digest. The pixels
+    stream in blocks of at most 64 MiB: a full ChestX-ray14 cache at 256 px is 7 GiB."""
+    text = {c: index[c].astype(str).tolist() for c in KEY_COLUMNS if c != "path"}
+    digest = hashlib.sha256(json.dumps({"shape": images.shape, "findings": findings, **text})
+                            .encode())
+    digest.update(index[["orig_height", "orig_width"]].to_numpy(np.int64).tobytes())
+    labels = index[findings].to_numpy(np.float32)  # [N, F]
+    digest.update(np.where(np.isnan(labels), np.float32(np.nan), labels).tobytes())  # one NaN
+    step = max(1, 2**26 // images[0].nbytes)
+    for i in range(0, len(images), step):
+        digest.update(np.ascontiguousarray(images[i:i + step]))  # [step, S, S]
+    return digest.hexdigest()[:16]
+
+
 def to_square(img: np.ndarray, size: int) -> np.ndarray:
     """Center-crop uint8 [H, W] to a square on its shorter side, then resize to [size, size]."""
     h, w = img.shape
@@ -118,9 +163,12 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
     Runs over `workers` processes (default: all available cores), `chunk` images per task.
     An existing finished cache for the same request is returned without work; a partial one
     is resumed. A finished or partial folder made for a different request (other size, ids,
-    metadata or labels) is refused with a DataError saying what differs.
+    metadata or labels) is refused with a DataError saying what differs. Options out of range
+    are refused with a ValueError before anything is made.
     """
     out = Path(out)
+    size, chunk = check_whole("size", size, 1), check_whole("chunk", chunk, 1)
+    workers = _default_workers() if workers is None else check_whole("workers", workers, 1)
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: nothing to cache, the data set is empty")
     plan = _plan_table(dataset)
@@ -134,8 +182,8 @@ def prepare_cache(dataset: XrayDataset, out: str | Path, *, size: int = 256,
                             "another output folder")
         partial = out.with_name(out.name + ".partial")
         if not is_complete(partial):
-            _fill(partial, dataset, plan, size=size, workers=workers or _default_workers(),
-                  chunk=chunk, progress=progress)
+            _fill(partial, dataset, plan, size=size, workers=workers, chunk=chunk,
+                  progress=progress)
         else:
             _refuse_if_different(partial, _read_table(partial / "index.parquet"),
                                  _read_json(partial)["size"], plan, size)
@@ -151,12 +199,38 @@ def _open_finished(out: Path, plan: pd.DataFrame, size: int) -> Cache:
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold the lock of cache folder `out` (`<out>.lock`, kept: removing a lock file races)."""
+    """Hold the lock of cache folder `out` (`<out>.lock`, kept: removing a lock file races).
+
+    A POSIX record lock (lockf), not flock: an flock belongs to the open file, which the forked
+    workers share, so workers orphaned by a kill -9 of this process kept the cache locked. A
+    record lock belongs to this process alone, is never inherited and goes when it ends.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes or the process dies
-        yield
+    with _THREADS, open(out.with_name(out.name + ".lock"), "a+") as handle:
+        if fcntl is None:
+            yield
+            return
+        _lock(handle, out)
+        try:
+            yield
+        finally:
+            handle.truncate(0)  # no stale holder for the next waiter to name
+
+
+def _lock(handle: TextIO, out: Path) -> None:
+    """Take the lock, saying whom it waits for if another process holds it; then sign it."""
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # held by a live process: a dead one's is gone
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        print(f"{out}: waiting for {holder} (it holds {handle.name})", file=sys.stderr,
+              flush=True)
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, preparing it since {since}")
+    handle.flush()
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -179,7 +253,7 @@ def open_cache(path: str | Path) -> Cache:
                         f"says uint8 ({len(index)}, {size}, {size}); rerun prepare into a "
                         "fresh folder")
     labels = index[findings].to_numpy(dtype=np.float32)  # [N, F]
-    return Cache(path, meta["name"], images, index, labels, findings, size)
+    return Cache(path, meta["name"], images, index, labels, findings, size, meta.get("digest"))
 
 
 def check_cache(path: str | Path) -> str:
@@ -195,7 +269,17 @@ def check_cache(path: str | Path) -> str:
     check_patient_disjoint(cache.index, str(cache.path))
     _check_label_values(cache)
     _check_no_zero_images(cache)
+    _check_digest(cache)
     return cache.summary()
+
+
+def _check_digest(cache: Cache) -> None:
+    """Pixels or labels edited after the cache was made would be trained on under its old
+    identity: the stored digest must still be the content's."""
+    now = content_digest(cache.images, cache.index, cache.findings)
+    if cache.stored_digest not in (None, now):
+        raise DataError(f"{cache.path}: images or index differ from when it was made (digest "
+                        f"{cache.stored_digest}, now {now}); rerun prepare into a fresh folder")
 
 
 def _check_label_values(cache: Cache) -> None:
@@ -275,14 +359,34 @@ def _run(tasks: list[_Chunk], workers: int) -> Iterator[_Chunk]:
         return
     _check_picklable(tasks[0].dataset)
     # Each task carries only its slice of the data set, so no per-worker global state is needed.
-    pool = ProcessPoolExecutor(min(workers, len(tasks)))
+    pool = _pool(min(workers, len(tasks)))
     try:
-        futures = {pool.submit(_decode_chunk, t): t for t in tasks}
+        futures = {pool.submit(_decode_chunk, t, os.getpid()): t for t in tasks}
         for fut in as_completed(futures):
             fut.result()
             yield futures[fut]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes that end with this one. On Linux they are forked, whatever Python's
+    default (a fork server from 3.14): children of this process, so the kernel can end them
+    with it, started in milliseconds, with loaders that a notebook defines itself."""
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(os.getpid(),))
+
+
+def _start_worker(parent: int) -> None:
+    """Pool initializer: be killed when `parent` dies, rather than decode on for minutes as an
+    orphan. The kernel does it on Linux (it watches the thread that forked the worker: the one
+    running prepare_cache, alive as long as the pool); elsewhere `_decode_chunk` checks
+    between images."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
 
 
 def _check_picklable(dataset: XrayDataset) -> None:
@@ -294,11 +398,14 @@ def _check_picklable(dataset: XrayDataset) -> None:
                         "functions, or pass workers=1") from err
 
 
-def _decode_chunk(task: _Chunk) -> None:
-    """Decode, crop and resize one chunk straight into the memory maps, then flush them."""
+def _decode_chunk(task: _Chunk, parent: int | None = None) -> None:
+    """Decode, crop and resize one chunk straight into the memory maps, then flush them.
+    In a worker of process `parent`, stop as soon as that process is gone."""
     images = _map_images(task.folder / "images.npy", "r+")  # [N, S, S]
     orig_hw = np.load(task.folder / "orig_hw.npy", mmap_mode="r+")  # [N, 2]
     for j in range(len(task.dataset)):
+        if parent is not None and os.getppid() != parent:  # an orphan: its work is lost anyway
+            os._exit(1)
         img = _load(task.dataset, j, task.start + j)  # [H, W]
         orig_hw[task.start + j] = img.shape
         images[task.start + j] = to_square(img, task.size)
@@ -327,6 +434,8 @@ def _write_index_and_meta(partial: Path, dataset: XrayDataset, plan: pd.DataFram
     index.insert(len(KEY_COLUMNS), "orig_height", orig_hw[:, 0])
     index.insert(len(KEY_COLUMNS) + 1, "orig_width", orig_hw[:, 1])
     _write_atomic(partial / "index.parquet", lambda p: index.to_parquet(p, index=False))
+    digest = content_digest(_map_images(partial / "images.npy", "r"), index,
+                            list(dataset.findings))
     _write_json(partial / "meta.json", {
         "format": FORMAT,
         "name": dataset.name,
@@ -335,6 +444,7 @@ def _write_index_and_meta(partial: Path, dataset: XrayDataset, plan: pd.DataFram
         "count": len(dataset),
         "sources": sorted(dataset.meta["source"].unique().tolist()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "digest": digest,
         "complete": True,
     })
 

@@ -38,6 +38,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    data_root,
     fail_at_line,
     read_image_row,
 )
@@ -86,7 +87,7 @@ def read_chexpert(root: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
         raise DataError(f"{name}: no data root given; download CheXpert from {DOWNLOAD_PAGE}")
     if uncertain not in UNCERTAIN:
         raise ValueError(f"uncertain must be one of {list(UNCERTAIN)}, got {uncertain!r}")
-    root = Path(root).resolve()  # resolved, so root.parent is the folder above even for "."
+    root = data_root(root)  # also makes root.parent the folder above for "."
     train_csv, valid_csv = root / TRAIN_CSV, root / VALID_CSV
     if not train_csv.is_file():
         raise DataError(f"{train_csv}: file not found; `root` must be the CheXpert release "

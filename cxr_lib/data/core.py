@@ -49,12 +49,31 @@ def fail_at_line(path: Path, line: int, message: str) -> NoReturn:
     raise DataError(f"{path}, line {int(line)}: {message}")
 
 
+def check_whole(name: str, value: object, least: int) -> int:
+    """`value` as an int if it is a whole number >= `least`, else a ValueError naming `name`.
+    Options are checked before any work, so that a bad one leaves nothing behind."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
+def data_root(root: str | Path) -> Path:
+    """A data set root made absolute, without `.`, `..` or symbolic links. Readers build every
+    image's path from it, and a cache request compares those paths (`cxr_lib.data.cache`):
+    the same files must be the same request however the root was spelt."""
+    return Path(root).resolve()
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to 8-bit grayscale, uint8 [H, W].
 
     Real releases mix modes: NIH ships a few RGBA PNGs among 8-bit grayscale ones, other sets
-    ship RGB or 16-bit files. RGBA/LA drop alpha, RGB is converted by luminance, 16-bit and
-    32-bit integer images are scaled by their dynamic range into 0..255.
+    ship RGB or 16-bit files. RGBA/LA drop alpha, RGB is converted by luminance. 16-bit images
+    are scaled by their bit depth, 0..65535 onto 0..255 (round(v * 255 / 65535)), never by
+    their own range: a per-image stretch gives one film other contrasts in other files. 32-bit
+    integer images (mode "I", which is how Pillow may hold 16-bit data) are read the same way
+    when every value lies in 0..65535, and refused otherwise; 32-bit float images carry no
+    scale at all and are refused: convert such files to 8 or 16 bit first.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,17 +81,22 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return _to_gray_u8(img)
+            return _to_gray_u8(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path}: cannot decode image ({err})") from err
 
 
-def _to_gray_u8(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return np.round((arr - lo) * scale).astype(np.uint8)
+def _to_gray_u8(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode == "F":
+        raise DataError(f"{path}: 32-bit float pixels have no bit depth to scale them to 8 bit "
+                        "by; save the image as 8- or 16-bit")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.int64)  # [H, W]
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:  # only mode "I" holds such values
+            raise DataError(f"{path}: 32-bit integer pixels {lo}..{hi} lie outside the 16-bit "
+                            "range 0..65535; save the image as 8- or 16-bit")
+        return ((arr + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535), exact: no ties
     if img.mode in ("RGBA", "LA", "PA"):
         img = img.convert("RGB" if img.mode == "RGBA" else "L")
     return np.asarray(img.convert("L"), dtype=np.uint8)

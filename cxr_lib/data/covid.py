@@ -39,6 +39,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    data_root,
     read_image_row,
 )
 from cxr_lib.data.folder import IMAGE_SUFFIXES
@@ -70,7 +71,7 @@ def read_covid_radiography(root: str | Path, *, val_fraction: float = 0.1,
     if root is None:
         raise DataError(f"{name}: no data root given; download the data set from "
                         f"{DOWNLOAD_PAGE}")
-    root = Path(root)
+    root = data_root(root)
     files = list_images(root)
     rel = [path.relative_to(root).as_posix() for path, _ in files]
     meta = pd.DataFrame({

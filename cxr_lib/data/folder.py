@@ -32,6 +32,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    data_root,
     read_image_row,
 )
 from cxr_lib.data.splits import patient_split
@@ -56,8 +57,8 @@ def read_class_folders(root: str | Path, *, val_fraction: float = 0.1, seed: int
     """
     if root is None:
         raise DataError("folder: no data root given")
-    root = Path(root)
-    source = name or root.resolve().name.lower()
+    root = data_root(root)
+    source = name or root.name.lower()
     files = _list_images(root)
     classes = sorted({cls for _, cls, _ in files})
     findings = [_finding_name(c) for c in classes if c.lower() != NORMAL]

@@ -38,6 +38,7 @@ from cxr_lib.data.core import (
     DataError,
     XrayDataset,
     check_patient_disjoint,
+    data_root,
     fail_at_line,
     read_image_row,
 )
@@ -378,7 +379,7 @@ def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int =
     if root is None:
         raise DataError(f"chestxray14: no data root given; download the data set from "
                         f"{DOWNLOAD_PAGE}")
-    root = Path(root)
+    root = data_root(root)
     label_file = find_label_file(root)
     meta, labels = read_nih_labels(label_file)
     ids = meta["id"].tolist()

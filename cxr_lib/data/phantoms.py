@@ -33,6 +33,7 @@ from cxr_lib.data.splits import patient_split
 SOURCE = "phantom"
 VISIT_BITS = 4  # up to 16 images per patient share one anatomy
 _PATIENT_BITS = 24  # patients per data-set seed, so seeds of different data sets never collide
+MIN_SIZE = 16  # pixels: the smallest phantom whose anatomy and findings can be drawn
 
 # Relative frequencies follow ChestX-ray14 (Infiltration, Effusion, Atelectasis most common;
 # Hernia, the rarest there, among the rarest here) but are raised so a few hundred phantoms
@@ -579,8 +580,8 @@ def render_phantom(seed: int, size: int, findings: Sequence[str] = ()) -> np.nda
     unknown = sorted(set(findings) - set(DRAWN))
     if unknown:
         raise ValueError(f"render_phantom: cannot draw {unknown}; drawable findings: {DRAWN}")
-    if size < 16:
-        raise ValueError(f"render_phantom: size must be at least 16 pixels, got {size}")
+    if size < MIN_SIZE:
+        raise ValueError(f"render_phantom: size must be at least {MIN_SIZE} pixels, got {size}")
     present = [f for f in FINDINGS if f in set(findings)]
     rngs = {f: np.random.default_rng([seed, 2, FINDINGS.index(f)]) for f in present}
     body = _sample_body(np.random.default_rng([seed >> VISIT_BITS, 0]))
@@ -663,6 +664,8 @@ def phantom_dataset(n: int, *, size: int | None = None, seed: int = 0,
     size = config.size if size is None else size
     if n < 1 or seed < 0:
         raise ValueError(f"phantom_dataset: need n >= 1 and seed >= 0, got n={n}, seed={seed}")
+    if size < MIN_SIZE:  # here, not image by image when a cache is half made
+        raise ValueError(f"phantom size must be at least {MIN_SIZE} pixels, got {size}")
     rng = np.random.default_rng([seed, 7])
     labels = draw_labels(n, config, rng)
     patient, visit = _patients(n, config, rng)

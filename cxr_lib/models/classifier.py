@@ -22,9 +22,10 @@ loads its starting weights, whatever layout they were saved in:
 
 Whatever the source: the classifier of the source is dropped (but for "finetuned"), a first
 convolution of another channel count is adapted (`adapt_input_channels`: 3 summed to one, or 1
-split over 3), a ViT's patch kernel of another size is resampled (FlexiViT, timm) and its
-position table is regenerated when it is MAE's fixed sin-cos table, interpolated otherwise
-(Hiera's learned table too, to the grid of `hiera_kwargs(img_size)`).
+split over 3; a Hiera MAE's `decoder_pred` rows follow, `HieraMae.fit_pred_rows`), a ViT's patch
+kernel of another size is resampled (FlexiViT, timm) and its position table is regenerated when
+it is MAE's fixed sin-cos table, interpolated otherwise (Hiera's learned table too, to the grid
+of `hiera_kwargs(img_size)`).
 Hiera files in the official layout get timm's `checkpoint_filter_fn` renames. A tensor whose
 shape still does not fit is an error naming the file: loading half a model silently is the worst
 outcome. ViTs pool the patch tokens (MAE's fine-tuning head: average, then a fresh LayerNorm), so
@@ -51,7 +52,7 @@ from timm.models.hiera import Hiera, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cxr_lib.models.hiera_mae import HIERA_PRESETS, PATCH_STRIDE, hiera_kwargs
+from cxr_lib.models.hiera_mae import HIERA_PRESETS, PATCH_STRIDE, HieraMae, hiera_kwargs
 from cxr_lib.models.mae import (
     PRESETS,
     LoadReport,
@@ -266,6 +267,9 @@ def _fit(net: nn.Module, key: str, value: Tensor, report: LoadReport) -> Tensor:
     if key == "pos_embed" and isinstance(net, Hiera) and value.ndim == 3:
         report.adapted.append(key)
         return resample_abs_pos_embed(value, list(net.tokens_spatial_shape), num_prefix_tokens=0)
+    if key.startswith("decoder_pred.") and isinstance(net, HieraMae):  # a released RGB MAE
+        report.adapted.append(key)
+        return net.fit_pred_rows(value)
     if key == net.pretrained_cfg["first_conv"] + ".weight" and value.ndim == 4:
         if value.shape[2:] != target.shape[2:] and isinstance(net, VisionTransformer):
             value = resample_patch_embed(value, list(target.shape[2:]))

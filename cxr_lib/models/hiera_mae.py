@@ -156,7 +156,7 @@ class HieraMae(Hiera):
             for _ in range(config.decoder_depth)
         ])
         self.decoder_norm = norm(ddim)
-        self.decoder_pred = nn.Linear(ddim, self.pred_stride**2 * config.in_chans)
+        self.decoder_pred = nn.Linear(ddim, config.in_chans * self.pred_stride**2)
         self._init_mae_weights()
 
     @property
@@ -184,19 +184,41 @@ class HieraMae(Hiera):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def patchify(self, imgs: Tensor) -> Tensor:
-        """[B, C, H, W] -> [B, L, p*p*C]: one row per prediction token, tokens in raster order,
-        pixels inside a token ordered (row, col, channel) as in the ViT MAE."""
+        """[B, C, H, W] -> [B, L, C*p*p]: one row per prediction token, tokens in raster order,
+        pixels inside a token ordered (channel, row, col) as Hiera's MAE orders its targets, so
+        a released `decoder_pred` predicts each pixel where this target has it (the ViT MAE
+        orders (row, col, channel), as MAE's code does; with one channel both are the same)."""
         p, (h, w), c = self.pred_stride, self.grid_final, self.config.in_chans
         x = imgs.reshape(imgs.shape[0], c, h, p, w, p)  # [B, C, h, p, w, p]
-        x = torch.einsum("nchpwq->nhwpqc", x)  # [B, h, w, p, p, C]
-        return x.reshape(imgs.shape[0], h * w, p * p * c)  # [B, L, p*p*C]
+        x = torch.einsum("nchpwq->nhwcpq", x)  # [B, h, w, C, p, p]
+        return x.reshape(imgs.shape[0], h * w, c * p * p)  # [B, L, C*p*p]
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        """[B, L, p*p*C] -> [B, C, H, W]; the inverse of `patchify`."""
+        """[B, L, C*p*p] -> [B, C, H, W]; the inverse of `patchify`."""
         p, (h, w), c = self.pred_stride, self.grid_final, self.config.in_chans
-        x = x.reshape(x.shape[0], h, w, p, p, c)  # [B, h, w, p, p, C]
-        x = torch.einsum("nhwpqc->nchpwq", x)  # [B, C, h, p, w, p]
+        x = x.reshape(x.shape[0], h, w, c, p, p)  # [B, h, w, C, p, p]
+        x = torch.einsum("nhwcpq->nchpwq", x)  # [B, C, h, p, w, p]
         return x.reshape(x.shape[0], c, h * p, w * p)  # [B, C, H, W]
+
+    def fit_pred_rows(self, value: Tensor) -> Tensor:
+        """A file's `decoder_pred` weight [C'*p*p, Dd] or bias [C'*p*p] for this MAE's channels
+        (rows ordered as `patchify`'s): to one channel, the C' rows of each pixel averaged; from
+        one channel, its row repeated; any other shape unchanged (a mismatch for the caller).
+
+        Averaging is exact for a grey image fed as RGB without per-patch normalisation (its
+        three targets of a pixel are equal, and the mean of three predictions of one value is
+        their least-squares best single one); with `norm_pix_loss` the 1-channel target is the
+        3-channel one times sqrt(3(n-1)/(3n-1)) for n pixels a token (0.9987 at 16 px).
+        """
+        pixels, chans = self.pred_stride**2, self.config.in_chans
+        if value.shape[0] % pixels:
+            return value
+        rows = value.reshape(value.shape[0] // pixels, pixels, *value.shape[1:])  # [C', p*p, ...]
+        if chans == 1:
+            rows = rows.mean(dim=0, keepdim=True)  # [1, p*p, ...]
+        elif len(rows) == 1:
+            rows = rows.expand(chans, *rows.shape[1:])  # [C, p*p, ...]
+        return rows.reshape(-1, *value.shape[1:])  # [C*p*p, ...]
 
     def random_units(self, imgs: Tensor, mask_ratio: float) -> Tensor:
         """timm's unit mask [B, U] (True = visible), keeping int(U * (1 - mask_ratio)) units."""
@@ -237,7 +259,7 @@ class HieraMae(Hiera):
         x = undo_windowing(grid, self.grid_final, self.unit_final)  # [B, H', W', Dd]
         x = x.flatten(1, 2) + self.decoder_pos_embed  # [B, L, Dd], raster order
         x = self.decoder_norm(self.decoder_blocks(x))  # [B, L, Dd]
-        return self.decoder_pred(x)  # [B, L, p*p*C]
+        return self.decoder_pred(x)  # [B, L, C*p*p]
 
     # The ViT MAE's target, loss and pictures read only `patchify`, `unpatchify`, `forward`
     # and `config.norm_pix_loss`: shared, so both models compute them the same way.
@@ -247,10 +269,10 @@ class HieraMae(Hiera):
 
     def forward(self, imgs: Tensor, mask_ratio: float | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (loss [], pred [B, L, p*p*C], mask [B, L] with 1 = masked, the reverse of
+        """Returns (loss [], pred [B, L, C*p*p], mask [B, L] with 1 = masked, the reverse of
         timm's unit mask); `mask_ratio` overrides the config's."""
         keep = self.random_units(imgs, self.mask_ratio if mask_ratio is None else mask_ratio)
-        pred = self.forward_decoder(self.forward_encoder(imgs, keep), keep)  # [B, L, p*p*C]
+        pred = self.forward_decoder(self.forward_encoder(imgs, keep), keep)  # [B, L, C*p*p]
         mask = self.token_mask(keep)  # [B, L]
         return self.forward_loss(imgs, pred, mask), pred, mask
 
