@@ -60,7 +60,8 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
                        patch_size=value("patch_size"), mask_ratio=args.mask_ratio,
                        crop_scale=tuple(args.crop_scale), decoder_dim=value("decoder_dim"),
                        decoder_depth=value("decoder_depth"), decoder_heads=value("decoder_heads"),
-                       in_chans=args.in_chans or defaults.get("in_chans", 1))
+                       in_chans=args.in_chans or defaults.get("in_chans", 1),
+                       init_weights=None if args.init_weights is None else str(args.init_weights))
     config = TrainConfig(epochs=value("epochs"), batch_size=value("batch_size"),
                          base_lr=value("base_lr"), warmup_epochs=value("warmup_epochs"),
                          seed=profile.shared.get("seed", 0), **_engine_settings(args))
@@ -404,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     mae.add_argument("--decoder-heads", type=int)
     mae.add_argument("--in-chans", type=int, choices=[1, 3], help="3: the gray image "
                      "replicated to RGB, as the papers feed it (default: the profile's, else 1)")
+    mae.add_argument("--init-weights", type=Path, help="continue from these MAE or ViT weights "
+                     "(e.g. a released MAE: its decoder kept, other channel counts adapted)")
     mae.add_argument("--mask-ratio", type=float, default=0.9)
     mae.add_argument("--crop-scale", type=float, nargs=2, default=[0.5, 1.0],
                      metavar=("LOW", "HIGH"))

@@ -26,6 +26,7 @@ from cxr_lib.pretrain import (
     probe_encoder,
     save_encoder,
 )
+from cxr_lib.profiles import load_profile
 from cxr_lib.study import chapter_cache
 from cxr_lib.train import TrainConfig
 
@@ -241,3 +242,18 @@ def test_rgb_input_pretrains_the_papers_mae_and_leaves_default_runs_named_as_bef
     assert pre.mae.decoder_pred.out_features == 8 * 8 * 3
     config = json.loads((pre.run.path / runs.CONFIG).read_text())
     assert pre.augment.channels == 3 and config["extra"]["recipe"]["in_chans"] == 3
+
+
+def test_command_line_continues_a_released_rgb_mae_with_its_pixel_predictor(cache, tmp_path,
+                                                                           capsys):
+    section = load_profile("smoke").chapters["02_mae_pretraining"]
+    released = MaeRecipe(model=section["model"], img_size=32, patch_size=section["patch_size"],
+                         decoder_dim=section["decoder_dim"], decoder_depth=section["decoder_depth"],
+                         decoder_heads=section["decoder_heads"], in_chans=3).build()
+    torch.save({"model": released.state_dict(), "epoch": 799}, tmp_path / "released.pth")
+    main(["pretrain", "mae", "--profile", "smoke", "--data", str(cache.path), "--runs",
+          str(tmp_path / "runs"), "--image-size", "32", "--epochs", "1", "--init-weights",
+          str(tmp_path / "released.pth")])
+    out = capsys.readouterr().out
+    assert "adapted 3 (patch_embed.proj.weight, decoder_pred.weight, decoder_pred.bias)" in out
+    assert "mismatched" not in out and "trained" in out
