@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -302,16 +302,24 @@ def _read_list(path: Path, known: set[str]) -> set[str]:
         raise DataError(f"{path}: official split list not found; it comes with the label file "
                         f"from {DOWNLOAD_PAGE}")
     names: set[str] = set()
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        name = text.strip()
-        if not name:
-            continue
-        if name not in known:
-            fail_at_line(path, line, f"{name!r} is not in the label file")
+    for line, name in _listed(path, known):
         if name in names:
             fail_at_line(path, line, f"{name!r} is listed twice")
         names.add(name)
     return names
+
+
+def _listed(path: Path, known: set[str]) -> Iterator[tuple[int, str]]:
+    """(line number, image name) of each non-empty line of a split list: its first field (the
+    official lists hold only the name; Xiao et al.'s add the labels), which must be in the
+    label file (`known`)."""
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = text.split()
+        if not fields:
+            continue
+        if fields[0] not in known:
+            fail_at_line(path, line, f"{fields[0]!r} is not in the label file")
+        yield line, fields[0]
 
 
 def read_named_splits(paths: Sequence[str | Path], known: set[str]) -> dict[str, str]:
@@ -325,12 +333,7 @@ def read_named_splits(paths: Sequence[str | Path], known: set[str]) -> dict[str,
     for split, path in zip(SPLITS, map(Path, paths), strict=True):
         if not path.is_file():
             raise DataError(f"{path}: {split} split list not found")
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            name = text.split()[0] if text.strip() else ""
-            if not name:
-                continue
-            if name not in known:
-                fail_at_line(path, line, f"{name!r} is not in the label file")
+        for line, name in _listed(path, known):
             if name in named:
                 fail_at_line(path, line, f"{name!r} is already in the {named[name]} list")
             named[name] = split
