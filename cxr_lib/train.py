@@ -107,9 +107,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPERATIONAL = ("checkpoint_every", "checkpoint_minutes", "nan_check_every", "compile",
                "channels_last", "cudnn_benchmark")  # change how, not what: not hashed
-# A run whose last epoch's mean train loss exceeds its first step's loss this many times is
-# marked diverged: an untrained model's loss is the chance level of its task (BCE's log 2,
-# InfoNCE's log(K+1), MAE's pixel variance) and training that works stays below it.
+# A run whose last epoch's mean train loss exceeds the loss it started from this many times is
+# marked diverged: an untrained model's loss is the chance level of its task (BCE's log 2, MAE's
+# pixel variance) and training that works stays below it. A model whose first steps score
+# below its chance level (MoCo: its queue starts as random keys) states it as `chance_loss`.
 DIVERGED_RISE = 4.0
 
 
@@ -209,12 +210,13 @@ class TrainingDiverged(RuntimeError):
             f"training diverged: non-finite loss {where}; the loss is now {loss}.{kept} {REMEDY}")
 
 
-def rise_note(first_loss: float | None, last_loss: float) -> str | None:
+def rise_note(start_loss: float | None, last_loss: float) -> str | None:
     """Why a run that ended with finite numbers still diverged, or None: its last epoch's mean
-    train loss is more than `DIVERGED_RISE` times the loss of its first step."""
-    if first_loss is None or not first_loss > 0 or not last_loss > DIVERGED_RISE * first_loss:
+    train loss is more than `DIVERGED_RISE` times the loss it started from (the model's
+    `chance_loss`, else its first step's)."""
+    if start_loss is None or not start_loss > 0 or not last_loss > DIVERGED_RISE * start_loss:
         return None
-    return (f"the run diverged: its train loss rose from {first_loss:.4g} at the first step to "
+    return (f"the run diverged: its train loss rose from {start_loss:.4g} at the start to "
             f"{last_loss:.4g} in the last epoch (more than {DIVERGED_RISE:g}x). {REMEDY}")
 
 
@@ -655,7 +657,7 @@ class _RunState:
     epoch_seconds: float = 0.0
     best: float | None = None
     best_epoch: int | None = None
-    first_loss: float | None = None  # of step 1: where training began (see DIVERGED_RISE)
+    start_loss: float | None = None  # chance_loss, else step 1's (see DIVERGED_RISE)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -730,8 +732,8 @@ class _Recorder(Callback):
         self.train_sum, self.images = self.train_sum + loss, self.images + bs
         s = self.run_state
         s.step, s.batch = self.learn.train_iter, self.learn.iter + 1
-        if s.first_loss is None:
-            s.first_loss = float(self.learn.loss.detach())  # one host sync in the whole run
+        if s.start_loss is None:
+            s.start_loss = float(self.learn.loss.detach())  # one host sync in the whole run
         if s.step % self.config.checkpoint_every == 0 and s.batch < len(self.learn.dl):
             self._save(end_of_epoch=False)
 
@@ -984,7 +986,7 @@ def _replay(ckpt: dict | None, rank: int, world: int) -> _Replay | None:
 def _metrics(s: _RunState, config: TrainConfig, path: Path, world: int,
              device: torch.device, compiler: _Compile | None) -> dict:
     last = s.history[-1] if s.history else {}
-    diverged = rise_note(s.first_loss, last.get("train_loss", math.nan))
+    diverged = rise_note(s.start_loss, last.get("train_loss", math.nan))
     out = {"status": "diverged" if diverged else "done", "steps": s.step,
            "elapsed_s": s.elapsed, "world_size": world, "device": device.type, "run": path.name,
            **{k: v for k, v in last.items() if k not in ("epoch", "step", "elapsed_s")}}
@@ -1047,6 +1049,8 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
         runs.remove_stale_temps(path)
     ckpt = _load(path)
     s = _RunState(**ckpt["state"]) if ckpt else _RunState()
+    if s.start_loss is None:
+        s.start_loss = getattr(unwrap_model(model), "chance_loss", None)
     set_seed(config.seed + rank)
     device = default_device()
     model.to(device)  # before the optimizer state is loaded, so it lands on the same device

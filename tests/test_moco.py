@@ -339,6 +339,10 @@ def _fit_tiny(cache, root, cbs=()):
 
 def test_a_crashed_run_resumes_to_the_same_queue_and_key_encoder(cache, tmp_path):
     ref_model, ref = _fit_tiny(cache, tmp_path / "ref")
+    # its loss rises from the random queue's easy start, far above the first step's, but stays
+    # under the chance level log(21) of its 20 keys: a run that worked, not one that diverged
+    assert ref_model.chance_loss == pytest.approx(math.log(21))
+    assert ref.metrics["status"] == "done" and "diverged" not in ref.metrics
     assert int(ref_model.queue_ptr) == (ref.metrics["steps"] * 8) % 20
     assert ref.history["knn_auc"].isna().tolist() == [True, False, False]  # every 2, and last
     with pytest.raises(_Crash):  # in epoch 1, after the checkpoint of step 6

@@ -33,6 +33,7 @@ keeps timm's parameter names, so its `state_dict()` loads into a timm classifier
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import timm
@@ -140,6 +141,13 @@ class MoCo(nn.Module):
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next row to write
+
+    @property
+    def chance_loss(self) -> float:
+        """InfoNCE's loss when a query cannot tell its key from the K queued ones: log(K + 1).
+        The first steps score below it, since the queue starts as random vectors that no query
+        resembles; the engine judges a rise of the loss from here (`train.DIVERGED_RISE`)."""
+        return math.log(self.queue.shape[0] + 1)
 
     def _query_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder_q.parameters(), *self.head_q.parameters()]
