@@ -8,7 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from cxr_lib.bench_options import add_bench_arguments
+from cxr_lib.bench.options import add_bench_arguments
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -29,24 +29,24 @@ def _data_check(args: argparse.Namespace) -> None:
 
 
 def _book_run(args: argparse.Namespace) -> None:
-    from cxr_lib.book import run_book
+    from cxr_lib.book.runner import run_book
 
     run_book(args.profile, data_root=args.data_root, pediatric_root=args.pediatric_root,
              chapters=args.chapters, publish=args.publish)
 
 
 def _book_build(args: argparse.Namespace) -> None:
-    from cxr_lib.book import build_book
+    from cxr_lib.book.runner import build_book
 
     print(build_book(args.profile, published=args.published))
 
 
 def _pretrain_mae(args: argparse.Namespace) -> None:
+    from cxr_lib.book.profiles import load_profile
     from cxr_lib.data.cache import open_cache
-    from cxr_lib.pretrain import MaeRecipe, pretrain_mae, save_encoder
-    from cxr_lib.profiles import load_profile
-    from cxr_lib.study import resolve_device
-    from cxr_lib.train import TrainConfig
+    from cxr_lib.device import resolve_device
+    from cxr_lib.engine.config import TrainConfig
+    from cxr_lib.methods.mae import MaeRecipe, pretrain_mae, save_encoder
 
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
@@ -74,16 +74,16 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
 
 
 def _pretrain_moco(args: argparse.Namespace) -> None:
-    from cxr_lib.contrastive import (
+    from cxr_lib.book.profiles import ProfileError, load_profile
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.device import resolve_device
+    from cxr_lib.methods.moco import (
         KnnSettings,
         MocoRecipe,
         moco_config,
         pretrain_moco,
         save_backbone,
     )
-    from cxr_lib.data.cache import open_cache
-    from cxr_lib.profiles import ProfileError, load_profile
-    from cxr_lib.study import resolve_device
 
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
@@ -162,10 +162,10 @@ def _parse_optional(text: str) -> float | None:
 
 
 def _recipe_and_config(args: argparse.Namespace):
-    from cxr_lib.finetune import FinetuneRecipe, paper_config
+    from cxr_lib.book.profiles import load_profile
+    from cxr_lib.device import resolve_device
+    from cxr_lib.methods.finetune import FinetuneRecipe, paper_config
     from cxr_lib.models.classifier import is_vit, supports_layer_decay
-    from cxr_lib.profiles import load_profile
-    from cxr_lib.study import resolve_device
 
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
@@ -204,7 +204,7 @@ def _recipe_and_config(args: argparse.Namespace):
 
 def _finetune(args: argparse.Namespace) -> None:
     from cxr_lib.data.cache import open_cache
-    from cxr_lib.finetune import finetune
+    from cxr_lib.methods.finetune import finetune
 
     profile, recipe, config = _recipe_and_config(args)
     runs_dir = args.runs or Path("build") / profile.name / "runs"
@@ -217,9 +217,9 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from cxr_lib.analysis.published import published_for
     from cxr_lib.data.cache import open_cache
-    from cxr_lib.finetune import PAPER_EVAL_CROP, PAPER_NORMALISE, evaluate_weights
-    from cxr_lib.published import published_for
+    from cxr_lib.methods.finetune import PAPER_EVAL_CROP, PAPER_NORMALISE, evaluate_weights
 
     table, report = evaluate_weights(
         open_cache(args.data), args.model, args.weights, split=args.split,
@@ -240,7 +240,7 @@ def _grid(args: argparse.Namespace) -> None:
     import yaml
 
     from cxr_lib.data.cache import open_cache
-    from cxr_lib.grid import run_grid
+    from cxr_lib.methods.grid import run_grid
 
     profile, recipe, config = _recipe_and_config(args)
     axes = {}
@@ -337,11 +337,11 @@ def add_evaluate_command(groups: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.report is not None:  # a saved report: its tables, without importing torch
-        from cxr_lib.bench_tables import format_report, read_report
+        from cxr_lib.bench.tables import format_report, read_report
 
         print(format_report(read_report(args.report), args.markdown))
         return
-    from cxr_lib.bench import main_bench
+    from cxr_lib.bench.run import main_bench
 
     main_bench(args)  # prints the tables, then the JSON report (also written to --json FILE)
 
@@ -461,9 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as err:  # a clear one-line message on the command line, not a traceback
-        from cxr_lib.book import BookError
+        from cxr_lib.book.runner import BookError
+        from cxr_lib.engine.config import TrainingDiverged
         from cxr_lib.models.classifier import WeightsUnavailable
-        from cxr_lib.train import TrainingDiverged
 
         # The library raises ValueError (DataError, ProfileError and ReportError among them)
         # for settings, files and data it refuses, with a message written for the user.

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr_lib.augment import (
+from cxr_lib.augment.crops import (
     MaeAugment,
     center_resize,
     hflip,
@@ -16,9 +16,9 @@ from cxr_lib.augment import (
     sample_crop_boxes,
     to_float,
 )
-from cxr_lib.augment_views import MocoAugment
-from cxr_lib.finetune import FinetuneAugment
-from cxr_lib.randaugment import RandAugment
+from cxr_lib.augment.randaugment import RandAugment
+from cxr_lib.augment.views import MocoAugment
+from cxr_lib.methods.finetune import FinetuneAugment
 
 
 def batch(b: int = 4, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:

@@ -22,8 +22,9 @@ from fastai.callback.core import Callback
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from cxr_lib import bench, runs
-from cxr_lib.bench import (
+from cxr_lib.bench import run as bench
+from cxr_lib.bench.options import TASK_NAMES, BenchSettings, add_bench_arguments
+from cxr_lib.bench.run import (
     TASKS,
     count_flops,
     main_bench,
@@ -32,8 +33,7 @@ from cxr_lib.bench import (
     run_bench,
     write_phantom_pngs,
 )
-from cxr_lib.bench_options import TASK_NAMES, BenchSettings, add_bench_arguments
-from cxr_lib.bench_tables import (
+from cxr_lib.bench.tables import (
     GOALS,
     PIPELINES,
     ReportError,
@@ -43,17 +43,15 @@ from cxr_lib.bench_tables import (
     goals_unchecked,
     read_report,
 )
+from cxr_lib.book.profiles import repo_root
 from cxr_lib.cli import main
 from cxr_lib.data.core import DataError
-from cxr_lib.profiles import repo_root
-from cxr_lib.train import (
-    TrainConfig,
-    cnn_fast_path,
-    cudnn_benchmark,
-    fit,
-    make_optimizer,
-    masked_bce_loss,
-)
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.engine.fastpath import cnn_fast_path, cudnn_benchmark
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import masked_bce_loss
+from cxr_lib.engine.schedule import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 COLUMNS = ("task", "pipeline", "img/s", "vs reference", "of step", "GFLOP/img", "TFLOP/s",
@@ -102,7 +100,7 @@ def test_bench_runs_every_task_and_reports_every_field(bench_run):
 def test_the_cxr_command_starts_without_the_training_stack():
     """`cxr --help`, every other command and the tables of a saved report import no torch
     (it took 7 s to import on 2 cores when `cxr` loaded the bench for its options)."""
-    code = ("import sys; import cxr_lib.cli, cxr_lib.bench_tables; "
+    code = ("import sys; import cxr_lib.cli, cxr_lib.bench.tables; "
             "cxr_lib.cli.build_parser().parse_args(['bench', '--tiny']); "
             "print(sorted({'torch', 'fastai', 'timm'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

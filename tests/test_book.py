@@ -20,7 +20,8 @@ import nbformat
 import pytest
 import yaml
 
-from cxr_lib.book import (
+from cxr_lib.book.profiles import ProfileError, repo_root
+from cxr_lib.book.runner import (
     BookError,
     BuildError,
     ChapterError,
@@ -34,7 +35,6 @@ from cxr_lib.book import (
     toc_chapters,
 )
 from cxr_lib.cli import main
-from cxr_lib.profiles import ProfileError, repo_root
 
 PARAMETERS = 'seed = 1\ngreeting = "default"\nprofile = None\nwork_dir = None'
 REPORT = ('from pathlib import Path\n'
@@ -165,7 +165,7 @@ def test_build_refuses_a_chapter_whose_last_run_failed_until_it_succeeds(tmp_pat
     assert not (repo / "book" / "chapters").exists()
     out = repo / "build" / "tiny" / "chapters"
     assert (out / "01_data_curation.ipynb").is_file()  # the older good run, kept to compare
-    monkeypatch.setattr("cxr_lib.book.repo_root", lambda: repo)
+    monkeypatch.setattr("cxr_lib.book.runner.repo_root", lambda: repo)
     with pytest.raises(SystemExit, match=(
             r"^cxr: error: the last run of chapter 01_data_curation failed \(\S*/build/tiny/"
             r"chapters/01_data_curation\.failed\.ipynb\): fix it and run `cxr book run "
@@ -185,7 +185,7 @@ def test_build_refuses_a_chapter_whose_run_was_killed(tmp_path, monkeypatch):
     write_notebook(chapter, "One", "value = 1")
     run_book("tiny", repo=repo)
     write_notebook(chapter, "One", "import time\ntime.sleep(120)")
-    script = f"from cxr_lib.book import run_book; run_book('tiny', repo={str(repo)!r})"
+    script = f"from cxr_lib.book.runner import run_book; run_book('tiny', repo={str(repo)!r})"
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     out = repo / "build" / "tiny" / "chapters"
     running = out / "01_data_curation.running.ipynb"
@@ -195,7 +195,7 @@ def test_build_refuses_a_chapter_whose_run_was_killed(tmp_path, monkeypatch):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, as a kill -9 of the job
     proc.wait()
-    monkeypatch.setattr("cxr_lib.book.repo_root", lambda: repo)
+    monkeypatch.setattr("cxr_lib.book.runner.repo_root", lambda: repo)
     with pytest.raises(SystemExit, match=r"^cxr: error: the last run of chapter "
                        r"01_data_curation did not finish \(killed, or still running\)"):
         main(["book", "build", "--profile", "tiny"])
@@ -232,7 +232,8 @@ def test_chapters_may_be_separated_by_commas_as_well_as_spaces(monkeypatch):
     with pytest.raises(ProfileError, match=r"no chapter '3'"):
         select_chapters(notebooks, ["1,3"])
     ran = []
-    monkeypatch.setattr("cxr_lib.book.run_chapter", lambda nb, parameters, out: ran.append(nb.stem))
+    monkeypatch.setattr("cxr_lib.book.runner.run_chapter",
+                        lambda nb, parameters, out: ran.append(nb.stem))
     main(["book", "run", "--profile", "smoke", "--chapters", "1,2", "4"])
     assert ran == ["01_data_curation", "02_mae_pretraining", "04_finetuning_ablations"]
 

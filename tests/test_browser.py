@@ -31,8 +31,8 @@ from urllib.parse import urldefrag, urlsplit
 import nbformat
 import pytest
 
-from cxr_lib.book import render_site, stage_site
-from cxr_lib.profiles import repo_root
+from cxr_lib.book.profiles import repo_root
+from cxr_lib.book.runner import render_site, stage_site
 
 LOOPBACK = "127.0.0.1"
 # Flags for a closed network: without the background-networking ones Chromium keeps trying to

@@ -14,8 +14,8 @@ import pytest
 from samples import sample
 from test_browser import check_book_in_browser
 
-from cxr_lib.book import build_book, run_book
-from cxr_lib.profiles import repo_root
+from cxr_lib.book.profiles import repo_root
+from cxr_lib.book.runner import build_book, run_book
 
 ROOT = repo_root()
 CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -80,7 +80,7 @@ def _finetune_recipe(*options: str):
 
 
 def test_finetune_options_left_out_come_from_the_profile_and_none_turns_a_setting_off():
-    from cxr_lib.profiles import load_profile
+    from cxr_lib.book.profiles import load_profile
 
     section = load_profile("cpu").chapters["04_finetuning_ablations"]
     recipe, config = _finetune_recipe()

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from cxr_lib import runs
 from cxr_lib.cli import main
+from cxr_lib.engine import runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 # ViT-tiny/8 at 32 px on 25 training phantoms, batch 4: 6 steps an epoch

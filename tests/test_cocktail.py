@@ -10,9 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_lib import cocktail
-from cxr_lib.augment import pixel_stats, random_rotate
-from cxr_lib.cocktail import (
+from cxr_lib.augment.crops import pixel_stats, random_rotate
+from cxr_lib.data.cache import Cache, prepare_cache
+from cxr_lib.data.core import FINDINGS, XrayDataset, merge
+from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.methods import cocktail
+from cxr_lib.methods.cocktail import (
     NO_FINDING,
     auc_both_ways,
     auc_separation,
@@ -32,12 +36,8 @@ from cxr_lib.cocktail import (
     told_apart,
     with_no_finding,
 )
-from cxr_lib.data.cache import Cache, prepare_cache
-from cxr_lib.data.core import FINDINGS, XrayDataset, merge
-from cxr_lib.data.loaders import CacheBatches
-from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.finetune import FinetuneRecipe, finetune_augment
-from cxr_lib.pretrain import HeldoutErrors
+from cxr_lib.methods.finetune import FinetuneRecipe, finetune_augment
+from cxr_lib.methods.mae import HeldoutErrors
 
 SIZE = 8
 # Source "dark" images are all 40, "bright" all 200 with a 20-px checker; sizes differ 4:1.

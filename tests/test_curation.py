@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from samples import sample
 
-from cxr_lib import curation
+from cxr_lib.analysis import curation
 from cxr_lib.data.core import FINDINGS, DataError
 
 F3 = ["Atelectasis", "Effusion", "Mass"]

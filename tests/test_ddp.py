@@ -16,8 +16,10 @@ import torch
 from test_train import _data, _model, _to_float
 from torchrun import run_ranks
 
-from cxr_lib import runs
-from cxr_lib.train import TrainConfig, ValidAUC, fit, masked_bce_loss, mean_auc
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import ValidAUC, masked_bce_loss, mean_auc
 
 WORLD, PER_RANK = 2, 4
 CONFIG = TrainConfig(epochs=2, batch_size=WORLD * PER_RANK, base_lr=2.0, warmup_epochs=0.5,

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from cxr_lib.evaluate import (
+from cxr_lib.analysis.stats import (
     MEAN,
     _placements,
     _weighted_auc,

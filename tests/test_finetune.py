@@ -12,29 +12,30 @@ import timm
 import torch
 from fastai.callback.core import Callback
 
-from cxr_lib import finetune as ft
+from cxr_lib.chapters.files import encoder_file
+from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.cli import main
 from cxr_lib.data.cache import prepare_cache
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.finetune import (
+from cxr_lib.engine.metrics import mean_auc
+from cxr_lib.engine.runs import weights_digest
+from cxr_lib.engine.schedule import schedule_at
+from cxr_lib.methods import finetune as ft
+from cxr_lib.methods.finetune import (
     PAPER_EVAL_CROP,
     PAPER_NORMALISE,
     TEST_SCORES,
     FinetuneRecipe,
     MultiLabelMixup,
-    encoder_file,
     evaluate_weights,
     finetune,
     finetune_augment,
     label_subset,
     paper_config,
 )
+from cxr_lib.methods.mae import cache_identity
 from cxr_lib.models import classifier
 from cxr_lib.models.classifier import WeightsUnavailable
-from cxr_lib.pretrain import cache_identity
-from cxr_lib.runs import weights_digest
-from cxr_lib.study import chapter_cache
-from cxr_lib.train import mean_auc, schedule_at
 
 RECIPE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, layer_decay=0.5,
                         drop_path=0.1, randaug_magnitude=6.0)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tarfile
 
-from cxr_lib.profiles import repo_root
+from cxr_lib.book.profiles import repo_root
 
 ROOT = repo_root()
 

@@ -6,10 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.finetune import FinetuneRecipe, paper_config
-from cxr_lib.grid import describe, grid_points, run_grid, run_points, run_recipes, seed_summary
-from cxr_lib.study import chapter_cache
+from cxr_lib.methods.finetune import FinetuneRecipe, paper_config
+from cxr_lib.methods.grid import (
+    describe,
+    grid_points,
+    run_grid,
+    run_points,
+    run_recipes,
+    seed_summary,
+)
 
 BASE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8,
                       randaug_magnitude=None)

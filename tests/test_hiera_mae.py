@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from timm.models.hiera import Hiera
 from timm.optim import param_groups_layer_decay
 
-from cxr_lib import plots
+from cxr_lib.chapters import plots
+from cxr_lib.methods.probe import mae_features
 from cxr_lib.models.classifier import build_classifier, load_start
 from cxr_lib.models.hiera_mae import HieraMae, build_hiera_mae, hiera_kwargs
 from cxr_lib.models.mae import encoder_state_dict
-from cxr_lib.probe import mae_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

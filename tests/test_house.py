@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_lib.book import chapter_notebooks, read_toc, toc_chapters
-from cxr_lib.profiles import repo_root
+from cxr_lib.book.profiles import repo_root
+from cxr_lib.book.runner import chapter_notebooks, read_toc, toc_chapters
 
 ROOT = repo_root()
 
@@ -65,3 +66,47 @@ def test_library_has_no_leftover_markers():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
             if pattern.search(line)]
     assert not hits, f"leftover markers at {hits}"
+
+
+# The stages of cxr_lib in the order data flows; a module imports only from its own stage or
+# from those before it (cxr_lib/__init__.py says what each holds).
+STAGES = ("device", "data", "augment", "models", "engine", "analysis", "methods", "chapters",
+          "book", "bench", "cli")
+
+
+def _stage(module: str) -> int:
+    """The index in STAGES of a dotted module under cxr_lib."""
+    name = module.split(".")[1]
+    assert name in STAGES, f"cxr_lib.{name} belongs to no stage of the pipeline"
+    return STAGES.index(name)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every cxr_lib import in `path`, also those inside functions."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if node.module != "cxr_lib" else [
+                f"cxr_lib.{alias.name}" for alias in node.names]
+            found += [(node.lineno, name) for name in names if name.startswith("cxr_lib.")]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names
+                      if alias.name.startswith("cxr_lib.")]
+    return found
+
+
+def test_the_package_has_one_folder_or_module_per_stage():
+    top = {p.stem for p in (ROOT / "cxr_lib").iterdir()
+           if (p.suffix == ".py" or p.is_dir()) and not p.name.startswith(("__", "."))}
+    assert top == set(STAGES), f"outside the stages: {sorted(top - set(STAGES))}"
+
+
+def test_no_import_runs_back_up_the_pipeline():
+    backwards = []
+    for path in sorted((ROOT / "cxr_lib").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if module == "cxr_lib.__init__":
+            continue
+        backwards += [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                      for line, name in _imports(path) if _stage(name) > _stage(module)]
+    assert not backwards, "imports against the pipeline: " + "; ".join(backwards)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_lib.inference import eval_mode
+from cxr_lib.engine.inference import eval_mode
 
 
 def test_eval_mode_switches_dropout_off_and_gives_the_mode_back_even_after_an_error():

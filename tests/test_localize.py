@@ -14,9 +14,7 @@ from samples import SAMPLE_DATA
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cxr_lib.data.core import FINDINGS, DataError
-from cxr_lib.data.nih import read_bboxes, shipped_bbox_file
-from cxr_lib.localize import (
+from cxr_lib.analysis.localize import (
     ALL,
     _attention_weights,
     _cam_layer,
@@ -31,6 +29,8 @@ from cxr_lib.localize import (
     score_boxes,
     score_image_maps,
 )
+from cxr_lib.data.core import FINDINGS, DataError
+from cxr_lib.data.nih import read_bboxes, shipped_bbox_file
 
 DIM, PATCH, SIZE = 16, 8, 32  # a 4 x 4 patch grid
 

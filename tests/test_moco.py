@@ -14,11 +14,17 @@ import yaml
 from fastai.callback.core import Callback
 from torch import nn
 
-from cxr_lib import runs
-from cxr_lib.augment import split_stats
-from cxr_lib.augment_views import MocoAugment, brightness_contrast, gaussian_blur
+from cxr_lib.augment.crops import split_stats
+from cxr_lib.augment.views import MocoAugment, brightness_contrast, gaussian_blur
+from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.cli import main
-from cxr_lib.contrastive import (
+from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.engine import runs
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import model_loss
+from cxr_lib.engine.schedule import schedule_at
+from cxr_lib.methods.moco import (
     KeySimilarity,
     KnnMonitor,
     KnnSettings,
@@ -38,11 +44,7 @@ from cxr_lib.contrastive import (
     save_backbone,
     similarity_sentence,
 )
-from cxr_lib.data.loaders import CacheBatches
-from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.models.moco import MoCo, build_moco, info_nce, split_forward
-from cxr_lib.study import chapter_cache
-from cxr_lib.train import fit, model_loss, schedule_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 RECIPE = MocoRecipe(model="resnet10t", img_size=32, dim=16, hidden_dim=32, queue_size=64,

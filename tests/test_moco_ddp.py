@@ -14,14 +14,15 @@ from fastai.callback.core import Callback
 from torch import nn
 from torchrun import run_ranks
 
-from cxr_lib.augment_views import MocoAugment
-from cxr_lib.contrastive import MomentumQueue, moco_config
+from cxr_lib.augment.views import MocoAugment
+from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.data.cache import open_cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import model_loss
+from cxr_lib.methods.moco import MomentumQueue, moco_config
 from cxr_lib.models.moco import MoCo, shuffle_batch
-from cxr_lib.study import chapter_cache
-from cxr_lib.train import fit, model_loss
 
 WORLD, PER_RANK, QUEUE = 2, 4, 128
 

@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from cxr_lib.plots import image_grid, mae_pictures
+from cxr_lib.chapters.plots import image_grid, mae_pictures
 
 
 def test_image_grid_lays_out_titles_and_boxes():

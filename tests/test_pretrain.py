@@ -9,11 +9,14 @@ import pytest
 import timm
 import torch
 
-from cxr_lib import runs
-from cxr_lib.augment import pixel_stats, split_stats
+from cxr_lib.augment.crops import pixel_stats, split_stats
+from cxr_lib.book.profiles import load_profile
+from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.cli import main
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.pretrain import (
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.methods.mae import (
     HeldoutErrors,
     MaeRecipe,
     PretrainedMae,
@@ -26,9 +29,6 @@ from cxr_lib.pretrain import (
     probe_encoder,
     save_encoder,
 )
-from cxr_lib.profiles import load_profile
-from cxr_lib.study import chapter_cache
-from cxr_lib.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 RECIPE = MaeRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, decoder_dim=32,

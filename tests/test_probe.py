@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_lib.augment import MaeAugment
+from cxr_lib.augment.crops import MaeAugment
+from cxr_lib.methods.probe import extract_features, linear_probe, mae_features
 from cxr_lib.models import build_mae
-from cxr_lib.probe import extract_features, linear_probe, mae_features
 
 FINDINGS = ("A", "B", "C")
 

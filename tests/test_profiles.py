@@ -9,8 +9,8 @@ import nbformat
 import papermill
 import pytest
 
+from cxr_lib.book.profiles import ProfileError, available_profiles, load_profile, repo_root
 from cxr_lib.data.samples import SHIPPED
-from cxr_lib.profiles import ProfileError, available_profiles, load_profile, repo_root
 
 SHARED_KEYS = {"seed", "device", "data_root", "pediatric_root", "n_phantoms", "phantom_size",
                "cache_size"}

@@ -8,8 +8,12 @@ import pytest
 from test_browser import check_book_in_browser
 from test_chapters import CHAPTERS, ROOT, assert_reads_cleanly
 
-from cxr_lib.book import build_book
-from cxr_lib.published import medtransformer_per_label, published_chestxray14, published_for
+from cxr_lib.analysis.published import (
+    medtransformer_per_label,
+    published_chestxray14,
+    published_for,
+)
+from cxr_lib.book.runner import build_book
 
 EDITION = ROOT / "book" / "chapters"
 

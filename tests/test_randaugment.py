@@ -6,8 +6,7 @@ import timm.data.auto_augment as timm_aa
 import torch
 from PIL import Image
 
-from cxr_lib.data.phantoms import render_phantom
-from cxr_lib.randaugment import (
+from cxr_lib.augment.randaugment import (
     AFFINE_OPS,
     OPS,
     LayerDraw,
@@ -16,6 +15,7 @@ from cxr_lib.randaugment import (
     fill_level,
     op_argument,
 )
+from cxr_lib.data.phantoms import render_phantom
 
 FILL = 100
 HPARAMS = timm_aa._HPARAMS_DEFAULT

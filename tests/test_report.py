@@ -1,7 +1,7 @@
 import pytest
 from IPython.display import Markdown
 
-from cxr_lib import report
+from cxr_lib.chapters import sentences as report
 
 
 def test_glue_text_glues_markdown_without_displaying(monkeypatch):

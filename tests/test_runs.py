@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_lib import runs
+from cxr_lib.engine import runs
 
 
 @dataclass

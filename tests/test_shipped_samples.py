@@ -6,10 +6,10 @@ import fnmatch
 
 import pytest
 
+from cxr_lib.book.profiles import repo_root
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.nih import read_chestxray14
 from cxr_lib.data.samples import SHIPPED, sample_path, samples_root
-from cxr_lib.profiles import repo_root
 
 
 def test_every_shipped_file_is_package_data():

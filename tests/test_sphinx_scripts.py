@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from cxr_lib.sphinx_scripts import unique_scripts
+from cxr_lib.book.sphinx_scripts import unique_scripts
 
 
 def script(filename, priority=500, **attributes):

@@ -4,7 +4,8 @@ import torch
 from fastai.torch_core import default_device, defaults
 from samples import sample
 
-from cxr_lib.study import chapter_cache, chapter_dataset, resolve_device
+from cxr_lib.chapters.setup import chapter_cache, chapter_dataset
+from cxr_lib.device import resolve_device
 
 
 def test_resolve_device_names_the_device_and_refuses_a_missing_gpu():

@@ -22,18 +22,11 @@ from fastai.callback.core import Callback
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from cxr_lib import runs, train
-from cxr_lib.train import (
-    TrainConfig,
-    TrainingDiverged,
-    ValidAUC,
-    fit,
-    masked_bce_loss,
-    mean_auc,
-    model_loss,
-    schedule_at,
-    torch_one_cycle,
-)
+from cxr_lib.engine import callbacks, runs
+from cxr_lib.engine.config import TrainConfig, TrainingDiverged, rise_note
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import ValidAUC, masked_bce_loss, mean_auc, model_loss
+from cxr_lib.engine.schedule import schedule_at, torch_one_cycle
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 THRESHOLDS = torch.tensor([120.0, 128.0, 136.0])  # three "findings" read off the image
@@ -270,8 +263,8 @@ def test_resume_with_the_progress_display_on(tmp_path, reference, monkeypatch, b
                 self.last = obj
 
         monkeypatch.setattr(IPython.display, "display", lambda *a, **k: Shown())
-        monkeypatch.setattr(train, "master_bar", fastprogress.NBMasterBar)
-        monkeypatch.setattr(train, "progress_bar", fastprogress.NBProgressBar)
+        monkeypatch.setattr(callbacks, "master_bar", fastprogress.NBMasterBar)
+        monkeypatch.setattr(callbacks, "progress_bar", fastprogress.NBProgressBar)
     with pytest.raises(_Crash):
         _resume_fit(tmp_path, [_CrashAt(11)])
     model = _model()
@@ -362,7 +355,7 @@ def test_a_finite_blow_up_is_recorded_as_diverged(tmp_path):
     (3.18, 322953.0, True), (None, 5.0, False), (0.0, 5.0, False), (math.nan, 5.0, False),
     (0.69, math.nan, False)])
 def test_rise_note(first, last, diverged):
-    note = train.rise_note(first, last)
+    note = rise_note(first, last)
     assert (note is not None) == diverged
     if diverged:
         assert note.startswith("the run diverged: its train loss rose from") and "4x" in note
@@ -447,12 +440,12 @@ def test_validation_auc_and_best_weights(tmp_path):
 def test_epoch_table_shows_losses_metrics_and_lr_only(tmp_path, monkeypatch, validates):
     written = []
 
-    class Recording(train.master_bar):
+    class Recording(callbacks.master_bar):
         def write(self, line, table=False):
             written.append(list(line))
             super().write(line, table=table)
 
-    monkeypatch.setattr(train, "master_bar", Recording)
+    monkeypatch.setattr(callbacks, "master_bar", Recording)
     loaders = _loaders()
     res = fit(_model(), loaders[0], loaders[1] if validates else None,
               TrainConfig(epochs=2, batch_size=6), tmp_path, "test", loss_func=masked_bce_loss,

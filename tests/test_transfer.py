@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cxr_lib.transfer import to_device
+from cxr_lib.device import to_device
 
 
 def test_on_the_cpu_it_is_a_plain_move_and_converts_the_dtype():

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.core import DataError
-from cxr_lib.transfer import to_device
+from cxr_lib.device import to_device
 
 Indices = np.ndarray | list[int] | str | None  # rows, a split name, or None for all rows
 
@@ -68,8 +68,8 @@ class CacheBatches:
 
     `sample_weights` (one per row of `indices`, in the order given) make each pass a draw with
     replacement of `draws` rows (default: as many as `indices`), row i with probability
-    w_i / sum(w): a data mix with per-source shares (`cxr_lib.cocktail`). Each pass draws anew
-    from (seed, epoch).
+    w_i / sum(w): a data mix with per-source shares (`cxr_lib.methods.cocktail`). Each pass
+    draws anew from (seed, epoch).
     """
 
     def __init__(self, cache: Cache, indices: Indices, batch_size: int, *, shuffle: bool = False,

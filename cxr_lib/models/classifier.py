@@ -7,7 +7,7 @@ loads its starting weights, whatever layout they were saved in:
 - "random": timm's own initialisation;
 - "imagenet": timm's ImageNet weights, from a local file or the Hugging Face cache (nothing is
   downloaded while the study runs; without them `WeightsUnavailable` says the arm is skipped);
-- "mae": an encoder saved by `cxr_lib.pretrain.save_encoder` or `HieraMae.encoder_state_dict`, a
+- "mae": an encoder saved by `cxr_lib.methods.mae.save_encoder` or `HieraMae.encoder_state_dict`, a
   whole MAE, or a released MAE checkpoint (facebookresearch/mae or Xiao et al.: `{"model":
   encoder + decoder}`; facebookresearch/hiera: `{"model_state": ...}`); the decoder side goes;
 - "moco": a backbone saved with timm keys (`{"model": ...}`), or MoCo's released layout

@@ -11,7 +11,7 @@ The model computes its own loss: `forward(views [2, B, C, H, W]) -> (loss, logit
 trains through the study's engine with `model_loss`. The moving-average step and the queue update
 belong to the optimisation loop rather than the forward pass; the engine's callbacks call
 `momentum_update()` after each optimizer step and `enqueue(gather_keys(keys))` after each batch
-(`cxr_lib.contrastive.MomentumQueue`). The queue, its pointer and the key encoder are buffers and
+(`cxr_lib.methods.moco.MomentumQueue`). The queue, its pointer and the key encoder are buffers and
 submodules, so a checkpoint holds them and a resumed run continues exactly.
 
 Batch norm. A batch-norm layer normalises each image with statistics of the batch it sits in. If
@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cxr_lib.device import world_size
 
 
 def projection_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128
@@ -79,16 +81,11 @@ def split_forward(encoder: nn.Module, x: Tensor, splits: int) -> Tensor:
     return torch.cat([encoder(part) for part in x.chunk(splits)])
 
 
-def _world() -> int:
-    distributed = dist.is_available() and dist.is_initialized()
-    return dist.get_world_size() if distributed else 1
-
-
 def gather_keys(keys: Tensor) -> Tensor:
     """The rows of every rank, in rank order (all ranks must hold as many); `keys` alone when
     not distributed: the keys for the queue, and the key images for the shuffle. No
     gradient flows through: both belong to the key encoder's side."""
-    if _world() == 1:
+    if world_size() == 1:
         return keys
     out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
     dist.all_gather(out, keys.contiguous())
@@ -100,7 +97,7 @@ def shuffle_batch(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """The rows of x [B, ...] in a random order, and the function that puts rows computed from
     them back in the order of x. Under torchrun the order is drawn over the global batch (rank
     0's draw, broadcast) and each rank gets B rows that mostly come from other ranks."""
-    if _world() == 1:
+    if world_size() == 1:
         perm = torch.randperm(len(x), device=x.device)  # [B]
         return x[perm], lambda rows: rows[torch.argsort(perm)]
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -176,7 +173,7 @@ class MoCo(nn.Module):
 
     def rank_splits(self) -> int:
         """Batch-norm groups of this rank's share: `bn_splits` over the global batch."""
-        return max(1, self.bn_splits // _world())
+        return max(1, self.bn_splits // world_size())
 
     def embed_query(self, x: Tensor) -> Tensor:
         """Normalised projections [B, D] of images x [B, C, H, W] by the query side."""

@@ -3,8 +3,8 @@
 MoCo v2 augments with a random-resized crop of 20-100% of the image, colour jitter, random
 grayscale, Gaussian blur and a horizontal flip. On a grayscale X-ray hue, saturation and the
 grayscale step do nothing, so what remains is the crop, brightness and contrast jitter, blur and
-the flip. The geometric steps reuse `cxr_lib.augment` (uint8, one `roi_align` call per batch);
-jitter and blur work on floats in 0..1 before normalisation. As in `cxr_lib.augment`, random
+the flip. The geometric steps reuse `cxr_lib.augment.crops` (uint8, one `roi_align` call per batch);
+jitter and blur work on floats in 0..1 before normalisation. As in `cxr_lib.augment.crops`, random
 numbers are drawn on the CPU (optionally from a `generator`) so a seed gives the same views on
 CPU and GPU.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cxr_lib.augment import (
+from cxr_lib.augment.crops import (
     Stat,
     center_resize,
     check_crop_scale,
@@ -27,7 +27,7 @@ from cxr_lib.augment import (
     random_resized_crop,
     to_float,
 )
-from cxr_lib.transfer import to_device
+from cxr_lib.device import to_device
 
 BLUR_REFERENCE_SIZE = 224  # MoCo v2's blur sigmas are in pixels of a 224-px crop
 

@@ -1,7 +1,7 @@
 """Fine-tuning a classifier on the cache's labels from any starting point, through the one engine.
 
 Chapter 4 and `cxr finetune` call `finetune`: a `FinetuneRecipe` (model, start, regularisation,
-label fraction) and a `TrainConfig` (optimiser and schedule) make one run of `cxr_lib.train.fit`
+label fraction) and a `TrainConfig` (optimiser and schedule) make one run of `cxr_lib.engine.fit`
 in a folder named by their hash, so a finished run loads instead of training. The recipe's
 defaults and `paper_config()` are the ViT-S recipe of Xiao et al.'s released fine-tuning script:
 AdamW (betas 0.9, 0.999; weight decay 0.05), base LR 2.5e-4 x batch / 256 with a batch of 1024,
@@ -34,15 +34,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from fastai.callback.core import Callback
 from fastai.torch_core import default_device
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
-from cxr_lib import runs
-from cxr_lib.augment import (
+from cxr_lib.augment.crops import (
     center_resize,
     check_crop_scale,
     hflip,
@@ -51,9 +49,17 @@ from cxr_lib.augment import (
     split_stats,
     to_float,
 )
+from cxr_lib.augment.randaugment import RandAugment, fill_level
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
-from cxr_lib.inference import eval_mode
+from cxr_lib.device import is_main_process
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import RunResult, TrainConfig
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.inference import eval_mode
+from cxr_lib.engine.metrics import ValidAUC, masked_bce_loss, mean_auc
+from cxr_lib.engine.order import ORDER
+from cxr_lib.methods.mae import cache_identity
 from cxr_lib.models.classifier import (
     build_classifier,
     imagenet_weights,
@@ -61,16 +67,6 @@ from cxr_lib.models.classifier import (
     timm_name,
 )
 from cxr_lib.models.mae import LoadReport
-from cxr_lib.pretrain import cache_identity
-from cxr_lib.randaugment import RandAugment, fill_level
-from cxr_lib.train import (
-    RunResult,
-    TrainConfig,
-    ValidAUC,
-    fit,
-    masked_bce_loss,
-    mean_auc,
-)
 
 TEST_SCORES = "test_scores.parquet"  # in the run folder: id, patient, one logit per finding
 PAPER_EVAL_CROP = 224 / 256  # Xiao et al.'s evaluation view: Resize(256), CenterCrop(224)
@@ -219,7 +215,7 @@ class MultiLabelMixup(Callback):
     (timm's `Mixup` with multi_label=True and no smoothing). A label stays known only where
     both mixed images state it. An odd-sized batch is left unmixed (timm mixes pairs)."""
 
-    order, run_valid = 6, False  # after the batch transforms (5), before mixed precision (10)
+    order, run_valid = ORDER["mixup"], False
 
     def __init__(self, mixup: float, cutmix: float, num_classes: int) -> None:
         self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.0,
@@ -343,7 +339,7 @@ def _score_test(model: nn.Module, cache: Cache, split: str, augment: FinetuneAug
     metrics = {**run.metrics, "test_auc": mean, "test_images": len(rows),
                "test_auc_per_finding": dict(zip(cache.findings, per_class.tolist(),
                                                 strict=True))}
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_process():
         table = pd.DataFrame(scores, columns=cache.findings)  # [N, F] logits
         table.insert(0, "patient", cache.index["patient"].to_numpy()[rows])
         table.insert(0, "id", cache.index["id"].to_numpy()[rows])
@@ -396,23 +392,6 @@ def evaluate_weights(cache: Cache, model: str, weights: str | Path, *, split: st
                           "AUC (%)": [*(100 * per_class), 100 * mean]})
     table.attrs.update(images=len(rows), split=split)
     return table, report
-
-
-def encoder_file(work_dir: str | Path, method: str, model: str) -> Path:
-    """`work_dir/encoders/<method>_<model>.pt`, the encoder chapter 2 (mae) or chapter 3 (moco)
-    saved; a missing one is an error that says which chapter to run first."""
-    chapters = {"mae": 2, "moco": 3}
-    if method not in chapters:
-        raise ValueError(f"unknown pre-training method {method!r}; expected one of "
-                         f"{sorted(chapters)}")
-    path = Path(work_dir) / "encoders" / f"{method}_{model}.pt"
-    if not path.is_file():
-        n = chapters[method]
-        raise FileNotFoundError(
-            f"{path} is missing: chapter {n} saves it. Run chapter {n} of this profile first "
-            f"(for example `cxr book run --profile <profile> --chapters {n} 4`; a full book run "
-            f"runs the chapters in order), with the same model ({model}).")
-    return path
 
 
 def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, FinetuneAugment]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cxr_lib.transfer import to_device
+from cxr_lib.device import to_device
 
 # timm's `_RAND_INCREASING_TRANSFORMS`, in its order (tests check they agree).
 OPS: tuple[str, ...] = (

@@ -16,7 +16,6 @@ only); targets are 1, 0 or NaN (finding not stated), as in `cxr_lib.data.core`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,9 +25,10 @@ from scipy import sparse, stats
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import RandomForestRegressor
 from sklearn.inspection import permutation_importance
-from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
+
+from cxr_lib.engine.metrics import mean_auc
 
 MEAN = "mean"  # the row of a table that holds the mean over findings
 MIN_RUNS = 4  # fewer runs than this cannot say anything about importance
@@ -62,21 +62,6 @@ def _check_inputs(scores: np.ndarray, targets: np.ndarray, findings: Sequence[st
 
 
 # ----------------------------------------------------------------------------- AUC
-
-def mean_auc(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean ROC AUC over findings, and per finding (NaN where a finding has one class only).
-
-    scores, targets: [N, F]; NaN targets (finding not stated) are left out of that finding.
-    """
-    per_class = np.full(scores.shape[1], np.nan)
-    for j in range(scores.shape[1]):
-        known = ~np.isnan(targets[:, j])
-        y = targets[known, j]
-        if len(np.unique(y)) == 2:
-            per_class[j] = roc_auc_score(y, scores[known, j])
-    mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan
-    return mean, per_class
-
 
 def per_finding_auc(scores: np.ndarray, targets: np.ndarray,
                     findings: Sequence[str]) -> pd.DataFrame:

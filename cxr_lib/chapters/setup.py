@@ -6,39 +6,12 @@ the NIH sample), else synthetic phantoms; all chapters of one profile use the sa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import torch
-from fastai.torch_core import default_device
 
 from cxr_lib.data import XrayDataset
 from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.nih import read_chestxray14
 from cxr_lib.data.phantoms import phantom_dataset
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' takes the GPU when there is one; 'cpu' keeps fastai's engine off the GPU too;
-    'cuda:1' makes GPU 1 the current one, which fastai's Learner and the loaders train on.
-
-    fastai keeps the choice process-wide, so each call sets it afresh ('auto' after 'cpu' takes
-    the GPU again). Under torchrun each process takes the GPU of its LOCAL_RANK, before any
-    batch is placed.
-    """
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if name == "auto":
-        return default_device(None)
-    device = torch.device(name)
-    if device.type != "cuda":
-        default_device(False)
-        return device
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA GPU")
-    if device.index is not None:
-        torch.cuda.set_device(device)
-    return default_device(True)
 
 
 def chapter_dataset(data_root: str | Path | None, *, n_phantoms: int, phantom_size: int,

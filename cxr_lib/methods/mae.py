@@ -1,7 +1,7 @@
 """MAE pre-training on a preprocessing cache, and the probe that judges an encoder.
 
 Chapter 2 and `cxr pretrain mae` both call `pretrain_mae`; the run goes through the one engine
-(`cxr_lib.train.fit`), so the same recipe twice loads the finished run instead of training.
+(`cxr_lib.engine.fit`), so the same recipe twice loads the finished run instead of training.
 """
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ import numpy as np
 import torch
 from fastai.torch_core import default_device
 
-from cxr_lib import runs
-from cxr_lib.augment import MaeAugment, split_stats
+from cxr_lib.augment.crops import MaeAugment, split_stats
+from cxr_lib.chapters.sentences import span
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
-from cxr_lib.inference import eval_mode
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import RunResult, TrainConfig
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.inference import eval_mode
+from cxr_lib.engine.metrics import model_loss
+from cxr_lib.methods.probe import ProbeResult, extract_features, linear_probe, mae_features
 from cxr_lib.models.classifier import load_start, read_state_dict
 from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
 from cxr_lib.models.mae import (
@@ -30,9 +35,6 @@ from cxr_lib.models.mae import (
     encoder_state_dict,
     load_mae_checkpoint,
 )
-from cxr_lib.probe import ProbeResult, extract_features, linear_probe, mae_features
-from cxr_lib.report import span
-from cxr_lib.train import RunResult, TrainConfig, fit, model_loss
 
 # Fields added after runs were published, with their defaults: named only when set, so those
 # runs keep their folders and their saved encoders their bytes
@@ -122,8 +124,8 @@ def pretrain_mae(cache: Cache, recipe: MaeRecipe, config: TrainConfig, run_root:
 
     `sample_weights` (one per row of the split, cache order) draw each epoch's `draws` images
     (default: as many as the split holds) with replacement, as a data mix does
-    (`cxr_lib.cocktail`); `normalise` overrides the pixel statistics. All are part of the run's
-    identity.
+    (`cxr_lib.methods.cocktail`); `normalise` overrides the pixel statistics. All are part of the
+    run's identity.
     """
     augment = mae_augment(cache, recipe, split, normalise=normalise)
     extra = {"recipe": recipe.identity(), "data": cache_identity(cache), "split": split,

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_lib.augment import pixel_stats, spread_rows
+from cxr_lib.analysis.stats import mean_auc, paired_comparison
+from cxr_lib.augment.crops import pixel_stats, spread_rows
+from cxr_lib.chapters.sentences import names
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.chexpert import read_chexpert
 from cxr_lib.data.core import XrayDataset
@@ -34,12 +36,10 @@ from cxr_lib.data.covid import read_covid_radiography
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
-from cxr_lib.evaluate import mean_auc, paired_comparison
-from cxr_lib.finetune import TEST_SCORES, FinetuneRecipe
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.methods.finetune import TEST_SCORES, FinetuneRecipe
+from cxr_lib.methods.mae import HeldoutErrors
 from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
-from cxr_lib.pretrain import HeldoutErrors
-from cxr_lib.report import names
-from cxr_lib.train import TrainConfig
 
 LOWRES = "phantom-lowres"
 

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from cxr_lib.inference import eval_mode
+from cxr_lib.engine.inference import eval_mode
 
 # A box as (x, y, width, height) in the pixel coordinates of the image it is drawn on.
 Box = tuple[float, float, float, float]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_lib.bench_options import TASK_NAMES
+from cxr_lib.bench.options import TASK_NAMES
 
 PIPELINES = ("reference", "ours", "step")
 

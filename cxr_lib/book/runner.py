@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cxr_lib.profiles import ROOT_KEYS, Profile, ProfileError, load_profile, repo_root
+from cxr_lib.book.profiles import ROOT_KEYS, Profile, ProfileError, load_profile, repo_root
 
 CHAPTER_GLOB = "[0-9][0-9]_*.ipynb"
 # Where the executed chapters sit inside the book (and so inside _toc.yml).

@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from cxr_lib import runs
 from cxr_lib.data.cache import Cache
-from cxr_lib.finetune import FinetuneRecipe, FinetuneResult, finetune
-from cxr_lib.train import TrainConfig
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.methods.finetune import FinetuneRecipe, FinetuneResult, finetune
 
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneRecipe))
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

@@ -6,7 +6,7 @@ Each task (a model and its recipe) is trained three ways in one process, same mo
    DataLoader worker processes, torchvision transforms per image on the CPU, eager PyTorch with
    fp16 autocast and a gradient scaler, torch's default (foreach) optimizer, and the loss read
    every step (`loss.item()`, as their logging does). On a CPU: fp32.
-2. ours, the study's engine: `cxr_lib.train.fit` on `CacheBatches` over a preprocessing cache of
+2. ours, the study's engine: `cxr_lib.engine.fit` on `CacheBatches` over a preprocessing cache of
    the same PNGs (decoded once, before the clock starts), resident on the GPU when it fits in
    half the free memory (else streamed through pinned buffers), the batched augmentation on the
    device, and the engine's defaults (bf16 autocast, fused optimizer, channels-last CNNs...).
@@ -55,32 +55,32 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-from cxr_lib.augment import MaeAugment
-from cxr_lib.augment_views import MocoAugment
-from cxr_lib.bench_options import TASK_NAMES, BenchSettings, settings_from_args
-from cxr_lib.bench_tables import PIPELINES, format_report
-from cxr_lib.contrastive import MocoRecipe, MomentumQueue, moco_config
+from cxr_lib.augment.crops import MaeAugment
+from cxr_lib.augment.randaugment import RandAugment, fill_level
+from cxr_lib.augment.views import MocoAugment
+from cxr_lib.bench.options import TASK_NAMES, BenchSettings, settings_from_args
+from cxr_lib.bench.tables import PIPELINES, format_report
 from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.core import FINDINGS, DataError, XrayDataset, read_image_row
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import DRAWN, render_phantom
-from cxr_lib.finetune import FinetuneAugment, FinetuneRecipe, layer_decay_groups, paper_config
+from cxr_lib.device import resolve_device
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.engine.fastpath import cnn_fast_path, compile_or_eager, cudnn_benchmark
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import masked_bce_loss, model_loss
+from cxr_lib.engine.runs import atomic_write_text, replacing
+from cxr_lib.engine.schedule import make_optimizer
+from cxr_lib.methods.finetune import (
+    FinetuneAugment,
+    FinetuneRecipe,
+    layer_decay_groups,
+    paper_config,
+)
+from cxr_lib.methods.moco import MocoRecipe, MomentumQueue, moco_config
 from cxr_lib.models.classifier import build_classifier, is_vit
 from cxr_lib.models.mae import build_mae
 from cxr_lib.models.moco import MoCo
-from cxr_lib.randaugment import RandAugment, fill_level
-from cxr_lib.runs import atomic_write_text, replacing
-from cxr_lib.study import resolve_device
-from cxr_lib.train import (
-    TrainConfig,
-    cnn_fast_path,
-    compile_or_eager,
-    cudnn_benchmark,
-    fit,
-    make_optimizer,
-    masked_bce_loss,
-    model_loss,
-)
 
 MEAN, STD = 0.5, 0.25  # normalisation (0..1 units); speed does not depend on it
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, NVIDIA data sheets; first match
@@ -343,7 +343,8 @@ class MaeTask(BenchTask):
 
 @dataclass(frozen=True)
 class ClassifierTask(BenchTask):
-    """Supervised fine-tuning over the 14 findings: chapter 4's recipe (`cxr_lib.finetune`)."""
+    """Supervised fine-tuning over the 14 findings: chapter 4's recipe
+    (`cxr_lib.methods.finetune`)."""
 
     name: str
     description: str

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-# The tasks of `cxr_lib.bench.TASKS`, in their order (the tests check that the two agree).
+# The tasks of `cxr_lib.bench.run.TASKS`, in their order (the tests check that the two agree).
 TASK_NAMES = ("mae_vit_s", "mae_vit_s_8b", "finetune_vit_s", "finetune_densenet121",
               "moco_densenet121")
 

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
-from cxr_lib.inference import eval_mode
+from cxr_lib.engine.inference import eval_mode
 from cxr_lib.models.mae import MaskedAutoencoder
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxr_lib.data.core import FINDINGS
-from cxr_lib.inference import eval_mode
+from cxr_lib.engine.inference import eval_mode
 
 BOX_COLUMNS = ("id", "finding", "x", "y", "w", "h")  # as `cxr_lib.data.nih.read_bboxes` reads
 NIH_BOX_SIZE = 1024  # the boxes are in pixels of the 1024 x 1024 originals

@@ -1,7 +1,7 @@
 """MoCo v2 pre-training on a preprocessing cache, and the k-nearest-neighbour monitor.
 
 Chapter 3 and `cxr pretrain moco` both call `pretrain_moco`; the run goes through the one engine
-(`cxr_lib.train.fit`) with two callbacks: `MomentumQueue` (the key encoder's moving average and
+(`cxr_lib.engine.fit`) with two callbacks: `MomentumQueue` (the key encoder's moving average and
 the queue of negatives, after every step) and `KnnMonitor` (a `knn_auc` column in the history).
 The same recipe twice loads the finished run instead of training it.
 
@@ -25,27 +25,23 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.torch_core import default_device
+from timm.utils import unwrap_model
 from torch import Tensor, nn
 
-from cxr_lib import runs
-from cxr_lib.augment import split_stats
-from cxr_lib.augment_views import MocoAugment
+from cxr_lib.analysis.stats import holm_adjust
+from cxr_lib.augment.crops import split_stats
+from cxr_lib.augment.views import MocoAugment
+from cxr_lib.chapters.sentences import span
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
-from cxr_lib.evaluate import holm_adjust
+from cxr_lib.engine import runs
+from cxr_lib.engine.config import RunResult, TrainConfig
+from cxr_lib.engine.fit import fit
+from cxr_lib.engine.metrics import EpochMetric, mean_auc, model_loss
+from cxr_lib.engine.order import ORDER
+from cxr_lib.methods.mae import cache_identity
+from cxr_lib.methods.probe import extract_features
 from cxr_lib.models.moco import MoCo, build_moco, gather_keys
-from cxr_lib.pretrain import cache_identity
-from cxr_lib.probe import extract_features
-from cxr_lib.report import span
-from cxr_lib.train import (
-    EpochMetric,
-    RunResult,
-    TrainConfig,
-    fit,
-    mean_auc,
-    model_loss,
-    unwrap_model,
-)
 
 _LATER_FIELDS = {"in_chans": 1}  # added after runs were published: named only when set
 
@@ -202,7 +198,7 @@ class KnnMonitor(EpochMetric):
     """The kNN AUC of the query backbone as the history column `knn_auc`, every `every`
     epochs and after the last (NaN in between). Epochs a resumed run skips are not scored."""
 
-    order, run_valid, metric_name = 70, False, "knn_auc"  # before the recorder (80)
+    order, run_valid, metric_name = ORDER["metrics"], False, "knn_auc"
 
     def __init__(self, cache: Cache, transform: Transform, settings: KnnSettings) -> None:
         self.cache, self.transform, self.settings = cache, transform, settings
@@ -227,7 +223,7 @@ class MomentumQueue(Callback):
     moves towards the query encoder, after each training batch its keys (from every rank)
     enter the queue. Both happen before the recorder (order 80) may checkpoint the step."""
 
-    order, run_valid = 60, False
+    order, run_valid = ORDER["momentum_queue"], False
 
     def after_step(self) -> None:
         unwrap_model(self.learn.model).momentum_update()

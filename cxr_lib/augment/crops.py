@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from cxr_lib.randaugment import affine_matrix, warp
-from cxr_lib.transfer import to_device
+from cxr_lib.augment.randaugment import affine_matrix, warp
+from cxr_lib.device import to_device
 
 if TYPE_CHECKING:
     from cxr_lib.data.cache import Cache

@@ -1,0 +1,1 @@
+"""Numbers from scores: AUC statistics, localisation, curation, the papers' published figures."""

@@ -1,0 +1,1 @@
+"""Augmentation on the device: crops and flips, RandAugment, MoCo's two views."""

@@ -1,0 +1,1 @@
+"""`cxr bench`: the training engine against a plain PyTorch loop, figures side by side."""

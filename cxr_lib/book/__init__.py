@@ -1,0 +1,1 @@
+"""The book: parameter profiles, the chapter runner (papermill) and Sphinx helpers."""

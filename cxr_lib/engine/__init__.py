@@ -1,0 +1,4 @@
+"""The training engine: `engine.fit.fit` trains any model in a run folder, resumable.
+
+config (what is hashed), order (the callbacks' one order), metrics, schedule, fastpath,
+resume, callbacks, fit, runs (run folders, the one atomic writer), inference."""

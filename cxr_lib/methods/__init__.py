@@ -1,0 +1,1 @@
+"""The study's recipes, each a config and a run through the engine (no prose)."""
