@@ -169,7 +169,7 @@ def test_build_refuses_a_chapter_whose_last_run_failed_until_it_succeeds(tmp_pat
     with pytest.raises(SystemExit, match=(
             r"^cxr: error: the last run of chapter 01_data_curation failed \(\S*/build/tiny/"
             r"chapters/01_data_curation\.failed\.ipynb\): fix it and run `cxr book run "
-            r"--profile tiny --chapters 01_data_curation`.*\(BookError at book\.py:\d+\)$")):
+            r"--profile tiny --chapters 01_data_curation`.*\(BookError at runner\.py:\d+\)$")):
         main(["book", "build", "--profile", "tiny"])
     write_notebook(chapter, "One", "value = 2")
     run_book("tiny", repo=repo)
