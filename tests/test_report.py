@@ -59,3 +59,10 @@ def test_span_and_names_read_as_prose():
     assert report.span([0.331, 0.334], ".0%") == "33%"  # both ends round alike
     assert [report.names(x) for x in (["A"], ["A", "B"], ["A", "B", "C"])] == [
         "A", "A and B", "A, B and C"]
+
+
+def test_glue_all_glues_every_text_under_its_name_in_order(monkeypatch):
+    glued = []
+    monkeypatch.setattr(report, "glue_text", lambda name, text: glued.append((name, text)))
+    report.glue_all({"b": "two", "a": "one"})
+    assert glued == [("b", "two"), ("a", "one")]

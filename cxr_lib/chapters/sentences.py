@@ -6,7 +6,7 @@ markdown refers to it with {glue:md}`name`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from IPython.display import Markdown
 from myst_nb import glue
@@ -15,6 +15,13 @@ from myst_nb import glue
 def glue_text(name: str, text: str) -> None:
     """Glue `text` as Markdown (so it renders without quotes) and show nothing in place."""
     glue(name, Markdown(text), display=False)
+
+
+def glue_all(texts: Mapping[str, str]) -> None:
+    """Glue each text under its name (`glue_text`), in order: a chapter module builds the words
+    for a section, and its notebook glues them in one call."""
+    for name, text in texts.items():
+        glue_text(name, text)
 
 
 def span(values: Sequence[float], spec: str = ".2f") -> str:
