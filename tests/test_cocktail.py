@@ -28,9 +28,7 @@ from cxr_lib.methods.cocktail import (
     medtransformer_scores,
     medtransformer_start,
     mix_stats,
-    painter_sentence,
     paired_gap,
-    ranking_sentence,
     row_weights,
     source_shares,
     told_apart,
@@ -234,10 +232,6 @@ def test_paired_gap_is_the_mean_difference_and_its_standard_error():
     assert not told_apart(heldout(1.0, 0.05).model, heldout(1.001, 0.05).model)
 
 
-def gap_at_least(aucs: dict, tie: float):
-    return lambda a, b: abs(aucs[a] - aucs[b]) >= tie
-
-
 def test_auc_separation_needs_the_seed_floor_and_a_clear_bootstrap():
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 2, (300, 2)).astype(float)  # [N, F]
@@ -255,73 +249,6 @@ def test_auc_separation_needs_the_seed_floor_and_a_clear_bootstrap():
     few = {k: v[:10] for k, v in scores.items()}
     assert not auc_separation(few, targets[:10], patients[:10], findings, 0.02, n_boot=200)(
         "good", "jittered")
-
-
-def test_ranking_puts_greater_only_where_both_sides_are_told_apart():
-    aucs = {"random": 0.529, "chest only": 0.550, "cocktail": 0.553}
-    assert (ranking_sentence(aucs, gap_at_least(aucs, 0.02))
-            == "the order is cocktail ≈ chest only > random")
-    assert ranking_sentence(aucs, gap_at_least(aucs, 0.03)) == (
-        "the validation AUCs cannot split the starts into a better and a worse group "
-        "(cocktail ≈ chest only ≈ random), so this edition cannot rank them")
-    three = {"a": 0.70, "b": 0.60, "c": 0.65}
-    assert ranking_sentence(three, gap_at_least(three, 0.03)) == "the order is a > c > b"
-    spaced = {"a": 0.7, "b": 0.65, "c": 0.6}
-
-    def only_ac(x: str, y: str) -> bool:
-        return {x, y} == {"a", "c"}
-
-    def all_but_bc(x: str, y: str) -> bool:
-        return {x, y} != {"b", "c"}
-
-    assert ranking_sentence(spaced, only_ac).startswith(
-        "the validation AUCs cannot split")  # a and c differ, but b sits between both
-    assert ranking_sentence(spaced, all_but_bc) == "the order is a > b ≈ c"
-
-
-def test_painters_that_do_not_beat_the_blank_baseline_say_nothing():
-    aucs = {"chest share 100%": 0.550, "chest share 50%": 0.553}
-    said = painter_sentence(list(aucs), [heldout(1.0798), heldout(1.0792)], list(aucs.values()),
-                            gap_at_least(aucs, 0.03))
-    assert said.startswith("no encoder painted the held-out chest images better than the blank")
-    assert "(chest share 100%: 1.0798; chest share 50%: 1.0792) are not below its 0.9800" in said
-    assert "says nothing" in said and "best classifier" not in said
-    # below the blank prediction, but within the noise of the images
-    close = errors(0.978 + heldout(0, 0.05).model)
-    said = painter_sentence(["A", "B"], [close, heldout(1.0)], [0.7, 0.6], lambda a, b: True)
-    assert "not clearly below its 0.9800" in said and "says nothing" in said
-
-
-def test_painters_whose_losses_cannot_be_told_apart_are_a_tie():
-    said = painter_sentence(["A", "B", "C"], [heldout(0.60, 0.05), heldout(0.601, 0.05),
-                                              heldout(0.70)], [0.70, 0.60, 0.65],
-                            lambda a, b: True)
-    assert said.startswith("the held-out losses cannot tell A and B apart (A: 0.6000; B: 0.6010")
-    assert "cannot say which encoder painted best" in said
-
-
-@pytest.mark.parametrize("aucs, verdict", [
-    ([0.70, 0.60, 0.65], "A; losses A: 0.6000; B: 0.7000; C: 0.8000; blank prediction: 0.9800) "
-     "also gave the best classifier among them, with a validation AUC of 0.700, clearly above "
-     "the others"),
-    ([0.60, 0.70, 0.65], "did not give the best classifier among them: its validation AUC, "
-     "0.600, is clearly below the best, 0.700 (B)"),
-    ([0.68, 0.70, 0.60], "gave a classifier (validation AUC 0.680) that cannot be told apart "
-     "from that of B"),
-])
-def test_a_clear_best_painter_is_set_against_the_classifiers(aucs, verdict):
-    said = painter_sentence(["A", "B", "C"], [heldout(0.6), heldout(0.7), heldout(0.8)], aucs,
-                            gap_at_least(dict(zip("ABC", aucs, strict=True)), 0.03))
-    assert said.startswith("the encoder that painted the held-out chest images best (A;")
-    assert verdict in said
-
-
-def test_painters_that_did_not_learn_are_named():
-    said = painter_sentence(["A", "B"], [heldout(0.6), heldout(0.99)], [0.7, 0.6],
-                            lambda a, b: True)
-    assert "blank prediction: 0.9800, which B did not beat) also gave the best" in said
-    with pytest.raises(ValueError, match="aligned"):
-        painter_sentence(["A"], [heldout(0.6)], [0.7, 0.6], lambda a, b: True)
 
 
 def test_medtransformers_labels_add_no_finding_where_every_finding_is_absent(tmp_path):

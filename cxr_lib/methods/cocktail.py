@@ -12,8 +12,9 @@ Where MedTransformer's choices differ from ours, both are here under names a pro
 its views (the central 224 of 256, `center_cropped`), its fixed statistics (`normalisation`),
 its 15 labels (`with_no_finding`) and its scoring (`medtransformer_scores`).
 
-The chapter's verdicts are here too: they rank arms only where the gaps exceed the noise, and
-judge the encoders as painters only once they paint better than a blank prediction.
+The tests behind the chapter's verdicts are here too (`told_apart`, `auc_separation`): whether
+two painters' losses or two starts' AUCs differ by more than the noise. The sentences built on
+them are chapter 6's (`cxr_lib.chapters.cocktail_hiera`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import pandas as pd
 
 from cxr_lib.analysis.stats import mean_auc, paired_comparison
 from cxr_lib.augment.crops import pixel_stats, spread_rows
-from cxr_lib.chapters.sentences import names
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.chexpert import read_chexpert
 from cxr_lib.data.core import XrayDataset
@@ -38,7 +38,6 @@ from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.finetune import TEST_SCORES, FinetuneRecipe
-from cxr_lib.methods.mae import HeldoutErrors
 from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
 
 LOWRES = "phantom-lowres"
@@ -294,72 +293,3 @@ def auc_separation(scores: Mapping[str, np.ndarray], targets: np.ndarray,
                               n_boot=n_boot, seed=seed)
         return abs(r.diff) >= tie and not r.lower <= 0 <= r.upper
     return apart
-
-
-def ranking_sentence(scores: Mapping[str, float], apart: Callable[[str, str], bool]) -> str:
-    """The names from highest score down, with `>` where every name above can be told apart
-    (`apart`) from every name below, else `≈`; so every `>` holds for all pairs across it."""
-    ranked = sorted(scores, key=lambda k: -scores[k])
-    order = ranked[0]
-    for k in range(1, len(ranked)):
-        clear = all(apart(up, low) for up in ranked[:k] for low in ranked[k:])
-        order += (" > " if clear else " ≈ ") + ranked[k]
-    if " > " in order:
-        return f"the order is {order}"
-    return (f"the validation AUCs cannot split the starts into a better and a worse group "
-            f"({order}), so this edition cannot rank them")
-
-
-def painter_sentence(labels: Sequence[str], heldout: Sequence[HeldoutErrors],
-                     aucs: Sequence[float], apart: Callable[[str, str], bool]) -> str:
-    """Does the encoder that paints held-out images best give the best classifier?
-
-    `heldout` are the encoders' losses on the same images and masks, `aucs` their fine-tuned
-    AUCs, aligned with `labels`. The answer is withheld where it would claim more than the runs
-    show: when no encoder paints better than the blank prediction (`HeldoutErrors.mean_fill`: it has
-    learnt nothing to compare), and when the best painter's losses cannot be told apart from
-    another's image by image (`told_apart`). AUCs count as a tie unless `apart(label, label)`
-    (`auc_separation`).
-    """
-    if not len(labels) == len(heldout) == len(aucs) or not len(labels):
-        raise ValueError("painter_sentence: labels, heldout and aucs must be non-empty and "
-                         "aligned")
-    loss = [h.mean("model") for h in heldout]
-    best = min(range(len(labels)), key=lambda i: loss[i])
-    losses = "; ".join(f"{label}: {v:.4f}" for label, v in zip(labels, loss, strict=True))
-    blank = heldout[best].mean("mean_fill")
-    learnt = [h.mean("model") < h.mean("mean_fill") and told_apart(h.mean_fill, h.model)
-              for h in heldout]
-    if not learnt[best]:
-        short = ("are not below" if loss[best] >= blank else
-                 "are below it by less than twice the standard error of the per-image "
-                 "difference, not clearly below")
-        return (f"no encoder painted the held-out chest images better than the blank "
-                f"prediction: their losses ({losses}) {short} its {blank:.4f}. At this scale "
-                "the encoders have not learnt to paint, so the comparison says nothing about "
-                "whether a better painter makes a better classifier")
-    failed = [labels[i] for i in range(len(labels)) if not learnt[i]]
-    losses += f"; blank prediction: {blank:.4f}" + (
-        f", which {names(failed)} did not beat" if failed else "")
-    tied = [labels[i] for i in range(len(labels))
-            if i != best and not told_apart(heldout[best].model, heldout[i].model)]
-    if tied:
-        return (f"the held-out losses cannot tell {names([labels[best], *tied])} apart "
-                f"({losses}): they differ by less than twice the standard error of their "
-                "per-image difference, so this edition cannot say which encoder painted best, "
-                "nor whether a better painter makes a better classifier")
-    painted = (f"the encoder that painted the held-out chest images best ({labels[best]}; "
-               f"losses {losses})")
-    top = max(range(len(labels)), key=lambda i: aucs[i])
-    level = [labels[i] for i in range(len(labels))
-             if i == top or not apart(labels[top], labels[i])]
-    auc = f"{aucs[best]:.3f}"
-    if labels[best] not in level:
-        return (f"{painted} did not give the best classifier among them: its validation AUC, "
-                f"{auc}, is clearly below the best, {aucs[top]:.3f} ({labels[top]})")
-    if len(level) == 1:
-        return (f"{painted} also gave the best classifier among them, with a validation AUC of "
-                f"{auc}, clearly above the others")
-    others = names([label for label in level if label != labels[best]])
-    return (f"{painted} gave a classifier (validation AUC {auc}) that cannot be told apart "
-            f"from that of {others}")
