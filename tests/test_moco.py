@@ -25,24 +25,20 @@ from cxr_lib.engine.fit import fit
 from cxr_lib.engine.metrics import model_loss
 from cxr_lib.engine.schedule import schedule_at
 from cxr_lib.methods.moco import (
-    KeySimilarity,
     KnnMonitor,
     KnnSettings,
     MocoRecipe,
     MomentumQueue,
     NeighbourShare,
-    gathering_sentence,
     gathering_table,
     key_similarity,
     knn_auc,
     knn_scores,
-    knn_sentence,
     moco_augment,
     moco_config,
     neighbour_share,
     pretrain_moco,
     save_backbone,
-    similarity_sentence,
 )
 from cxr_lib.models.moco import MoCo, build_moco, info_nce, split_forward
 
@@ -218,14 +214,6 @@ def test_knn_auc_is_perfect_on_planted_clusters_and_near_chance_on_noise():
     assert 0.3 < noise < 0.7
 
 
-def test_knn_sentence_reports_the_change_and_the_ranking():
-    text = knn_sentence({"DenseNet-121": (0.5, 0.6), "ResNet-50": (0.55, 0.5)}, epochs=2)
-    assert "DenseNet-121's kNN AUC rose from 0.500 before pre-training to 0.600" in text
-    assert "ResNet-50's kNN AUC fell from 0.550" in text and "(-0.050)" in text
-    assert "DenseNet-121 ended highest, 0.100 above the next." in text
-    assert "could not be computed" in knn_sentence({"A": (math.nan, 0.5)}, epochs=1)
-
-
 # ----------------------------------------------------------------------------- embeddings
 
 def test_key_similarity_takes_the_diagonal_the_other_images_and_the_queue_apart():
@@ -238,32 +226,6 @@ def test_key_similarity_takes_the_diagonal_the_other_images_and_the_queue_apart(
     assert s.queue == pytest.approx(1.8 / 6)
     with pytest.raises(ValueError, match="n \\+ m"):
         key_similarity(sims[:, :3])  # no queue keys
-
-
-def test_similarity_sentence_names_a_collapse_by_the_stated_rule():
-    random_queue = KeySimilarity(0.97, 0.97, 0.0)  # untrained: all images alike, random queue
-    collapsed = similarity_sentence(random_queue, KeySimilarity(0.96, 0.96, 0.95), 4.8, 4.86)
-    assert "0.96 to its own image's key, 0.96 to the keys of the other images and 0.95" in collapsed
-    assert "the embeddings have collapsed, every key about as similar" in collapsed
-    assert "(final loss 4.80, chance 4.86)" in collapsed
-    assert "already mapped different images almost alike (their keys at 0.97)" in collapsed
-    assert "the collapse was there before pre-training" in collapsed
-    apart = similarity_sentence(KeySimilarity(0.9, 0.3, 0.0), KeySimilarity(0.8, 0.2, 0.1), 2.0,
-                                4.86)
-    assert "collapsed" not in apart
-    assert "by 0.70 and from the other images' keys by 0.60" in apart
-    assert "tells an image's own key from the others" in apart
-    assert apart.endswith("stood out from the other images' keys by 0.60.")
-    # apart from the queue, not from the batch: no collapse, and no claim that it tells keys apart
-    batch = similarity_sentence(random_queue, KeySimilarity(0.86, 0.79, 0.55), 4.0, 4.17)
-    assert "collapsed" not in batch and "tells an image's own key" not in batch
-    assert "by 0.31, but the other images' keys are within 0.1 of the positives" in batch
-    assert batch.endswith("almost alike (their keys at 0.97).")
-    # the rule: the queue within the margin of the positives, on average
-    at_margin = KeySimilarity(0.75, 0.25, 0.5)
-    assert "collapsed" in similarity_sentence(random_queue, at_margin, 4.0, 4.86, margin=0.25)
-    assert "collapsed" not in similarity_sentence(random_queue, at_margin, 4.0, 4.86,
-                                                  margin=0.125)
 
 
 def test_neighbour_share_against_chance_on_a_hand_case():
@@ -294,20 +256,13 @@ def test_neighbour_share_finds_a_planted_group_and_not_noise():
     assert sum(p < 0.05 for p in p_values) <= 3 and 0.3 < np.mean(p_values) < 0.7
 
 
-def test_gathering_table_adjusts_p_by_holm_and_the_sentence_reads_it():
+def test_gathering_table_adjusts_p_by_holm():
     results = {"A": NeighbourShare(10, 0.5, 0.1, 0.001), "B": NeighbourShare(8, 0.2, 0.1, 0.04),
                "C": NeighbourShare(9, 0.12, 0.1, 0.5),
                "D": NeighbourShare(1, math.nan, math.nan, math.nan)}
     table = gathering_table(results)
     assert list(table.index) == ["A", "B", "C", "D"]
     assert table["p (Holm)"].iloc[:3].tolist() == pytest.approx([0.003, 0.08, 0.5])
-    text = gathering_sentence(table, k=20)
-    assert "is 12% to 50% over the 3 panels measured, against 10% if" in text
-    assert "In 1 of them (A) it is higher than random relabellings make it" in text
-    assert "a test at the 5% level with Holm's correction" in text
-    assert "1 panel(s) had too few images" in text
-    assert "In no panel" in gathering_sentence(table.loc[["B", "C"]], k=20)
-    assert "Too few" in gathering_sentence(table.loc[["D"]], k=20)
 
 
 # ----------------------------------------------------------------------------- training

@@ -63,3 +63,9 @@ def chapter4_tables(work: str | Path) -> dict[str, pd.DataFrame]:
 def test_scores(work: str | Path, run: str) -> pd.DataFrame:
     """One fine-tuned run's test scores (id, patient, one logit per finding), indexed by id."""
     return pd.read_parquet(runs_dir(work) / run / TEST_SCORES).set_index("id")
+
+
+def chapter4_table_paths(work: str | Path) -> list[Path]:
+    """The files of chapter 4's tables of runs (`runs/ch4_<name>.parquet`), in name order;
+    none yet is an empty list."""
+    return sorted(runs_dir(work).glob(f"{CHAPTER4_TABLES}*.parquet"))

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from cxr_lib.analysis.stats import holm_adjust
 from cxr_lib.augment.crops import split_stats
 from cxr_lib.augment.views import MocoAugment
-from cxr_lib.chapters.sentences import span
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.engine import runs
@@ -288,35 +287,6 @@ def save_backbone(pretrained: PretrainedMoco, path: str | Path) -> Path:
     return path
 
 
-def knn_sentence(results: Mapping[str, tuple[float, float]], epochs: int) -> str:
-    """One plain sentence on where each backbone's kNN AUC went, start to end, and which
-    ended higher; `results` maps a name to (start, end). NaN (no finding with both classes
-    among the validation images) is said, not compared."""
-    if not results:
-        raise ValueError("knn_sentence: no results")
-    parts = []
-    for name, (start, end) in results.items():
-        if not (math.isfinite(start) and math.isfinite(end)):
-            parts.append(f"{name}'s kNN AUC could not be computed (no finding has both "
-                         "classes among the validation images)")
-            continue
-        change, after = end - start, f"after {epochs} epoch{'s' if epochs != 1 else ''}"
-        if change == 0:
-            parts.append(f"{name}'s kNN AUC stayed at {start:.3f} {after}")
-            continue
-        verb = "rose" if change > 0 else "fell"
-        parts.append(f"{name}'s kNN AUC {verb} from {start:.3f} before pre-training to "
-                     f"{end:.3f} {after} ({change:+.3f})")
-    text = "; ".join(parts) + "."
-    ends = {name: end for name, (_, end) in results.items() if math.isfinite(end)}
-    if len(ends) > 1:
-        ranked = sorted(ends.items(), key=lambda item: item[1], reverse=True)
-        (top, best), (_, second) = ranked[0], ranked[1]
-        text += (f" {top} ended highest, {best - second:.3f} above the next." if best > second
-                 else " They ended level.")
-    return text
-
-
 # ----------------------------------------------------------------------------- embeddings
 
 COLLAPSE_MARGIN = 0.1  # the queue's keys this close to the positives, on average: collapsed
@@ -343,43 +313,6 @@ def key_similarity(sims: np.ndarray) -> KeySimilarity:
     batch = sims[:, :n]  # [n, n]
     return KeySimilarity(float(np.diag(batch).mean()),
                          float(batch[~np.eye(n, dtype=bool)].mean()), float(sims[:, n:].mean()))
-
-
-def similarity_sentence(before: KeySimilarity, after: KeySimilarity, final_loss: float,
-                        chance_loss: float, margin: float = COLLAPSE_MARGIN) -> str:
-    """The similarities before and after pre-training and a verdict on the trained network:
-    collapsed when the queue's keys come within `margin` of the positives on average; telling
-    its own key from the others when both the queue's and the other images' keys stay further
-    off. Before pre-training the queue holds random vectors, so there only the other images'
-    keys say how alike the network maps different images."""
-    text = (f"After pre-training, a query's mean cosine similarity is {after.positive:.2f} to "
-            f"its own image's key, {after.other:.2f} to the keys of the other images and "
-            f"{after.queue:.2f} to the queue's keys; before, {before.positive:.2f}, "
-            f"{before.other:.2f} and {before.queue:.2f}, the last against the random vectors "
-            "the queue starts with.")
-    collapsed = after.queue >= after.positive - margin
-    if collapsed:
-        text += (f" The queue's keys are within {margin:g} of the positives: the embeddings have "
-                 "collapsed, every key about as similar to a query as its own, so the candidates "
-                 "get about the same probability and the loss stays near chance (final loss "
-                 f"{final_loss:.2f}, chance {chance_loss:.2f}).")
-    elif after.other >= after.positive - margin:
-        text += (f" The positives stand out from the queue's keys by "
-                 f"{after.positive - after.queue:.2f}, but the other images' keys are within "
-                 f"{margin:g} of the positives: the network does not yet tell an image's own "
-                 "key from those of the images beside it in the batch.")
-    else:
-        text += (f" The positives stand out from the queue's keys by "
-                 f"{after.positive - after.queue:.2f} and from the other images' keys by "
-                 f"{after.positive - after.other:.2f}, more than the {margin:g} of a collapse: "
-                 "the network tells an image's own key from the others.")
-    if before.other < before.positive - margin:
-        return text + (" Before pre-training, the positives stood out from the other images' "
-                       f"keys by {before.positive - before.other:.2f}.")
-    text += (" The untrained network already mapped different images almost alike (their keys "
-             f"at {before.other:.2f})")
-    return text + (": the collapse was there before pre-training, which has not undone it."
-                   if collapsed else ".")
 
 
 @dataclass(frozen=True)
@@ -423,35 +356,3 @@ def gathering_table(results: Mapping[str, NeighbourShare]) -> pd.DataFrame:
                          columns=["images", "neighbour share", "chance", "p"])
     table["p (Holm)"] = holm_adjust(table["p"].to_numpy())
     return table
-
-
-def gathering_sentence(table: pd.DataFrame, k: int, level: float = 0.05) -> str:
-    """What `gathering_table` says, in plain words: the range of the neighbour shares against
-    chance, and the panels whose images gather more than random relabellings (Holm-adjusted p
-    below `level`)."""
-    measured = table.dropna(subset=["neighbour share"])
-    if measured.empty:
-        return ("Too few validation images carry these findings to measure whether they "
-                "gather.")
-    lo, hi = measured["neighbour share"].min(), measured["neighbour share"].max()
-    c_lo, c_hi = measured["chance"].min(), measured["chance"].max()
-    text = (f"Among the {k} nearest neighbours of a validation image with a finding (cosine "
-            f"similarity of the backbone features), the share that has the finding too is "
-            f"{span([lo, hi], '.0%')} over the {len(measured)} panels measured, against "
-            f"{span([c_lo, c_hi], '.0%')} if the images were placed at random.")
-    gathered = list(measured.index[measured["p (Holm)"] < level])
-    test = f"by a test at the {level:.0%} level with Holm's correction over the panels"
-    if not gathered:
-        text += (" In no panel is that share higher than random relabellings of the images make "
-                 f"it, {test}: the features show no grouping by these findings that chance "
-                 "would not explain.")
-    else:
-        text += (f" In {len(gathered)} of them ({'; '.join(gathered)}) it is higher than random "
-                 f"relabellings make it, {test}: there the features have begun to group the "
-                 "images with the finding, though a grouping need not show as a cluster in a "
-                 "t-SNE map.")
-    if len(measured) < len(table):
-        text += (f" {len(table) - len(measured)} panel(s) had too few images with the finding "
-                 "to measure.")
-    return text
-
