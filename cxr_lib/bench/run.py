@@ -62,6 +62,7 @@ from cxr_lib.bench.options import TASK_NAMES, BenchSettings, settings_from_args
 from cxr_lib.bench.tables import PIPELINES, format_report
 from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.core import FINDINGS, DataError, XrayDataset, read_image_row
+from cxr_lib.data.files import replacing
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import DRAWN, render_phantom
 from cxr_lib.device import resolve_device
@@ -69,7 +70,7 @@ from cxr_lib.engine.config import TrainConfig
 from cxr_lib.engine.fastpath import cnn_fast_path, compile_or_eager, cudnn_benchmark
 from cxr_lib.engine.fit import fit
 from cxr_lib.engine.metrics import masked_bce_loss, model_loss
-from cxr_lib.engine.runs import atomic_write_text, replacing
+from cxr_lib.engine.runs import atomic_write_text
 from cxr_lib.engine.schedule import make_optimizer
 from cxr_lib.methods.finetune import (
     FinetuneAugment,
