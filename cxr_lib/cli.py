@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from cxr_lib.bench.options import add_bench_arguments
+from cxr_lib.data.sources import SOURCES
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -353,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = groups.add_parser("data", help="prepare and check preprocessing caches")
     data_cmds = data.add_subparsers(dest="command", required=True)
     prep = data_cmds.add_parser("prepare", help="decode a data source once into a uint8 cache")
-    prep.add_argument("--source", required=True, choices=["chestxray14", "folder", "chexpert",
-                                                          "covid19_radiography", "phantom"])
+    prep.add_argument("--source", required=True, choices=list(SOURCES))
     prep.add_argument("--root", type=Path, help="data set root (not used for phantoms)")
     prep.add_argument("--size", type=int, default=256, help="side of the square images")
     prep.add_argument("--out", type=Path, required=True, help="cache folder to write")
