@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 Stat = float | Sequence[float]
 
+# The X-ray MAE's crop range, area fractions (Xiao et al.; ImageNet's MAE crops 0.2 to 1): the
+# library's one statement of it, which MaeAugment, MaeRecipe and `cxr pretrain mae` default to
+PAPER_MAE_CROP_SCALE = (0.5, 1.0)
+
 
 def check_crop_scale(scale: tuple[float, float]) -> None:
     """Refuse a crop range that torch would only reject at the first batch, or that crops
@@ -40,7 +44,7 @@ def check_crop_scale(scale: tuple[float, float]) -> None:
 
 
 def sample_crop_boxes(batch: int, height: int, width: int,
-                      scale: tuple[float, float] = (0.5, 1.0),
+                      scale: tuple[float, float] = PAPER_MAE_CROP_SCALE,
                       ratio: tuple[float, float] = (3 / 4, 4 / 3),
                       generator: torch.Generator | None = None, tries: int = 10) -> Tensor:
     """Crop boxes with torchvision RandomResizedCrop's distribution, for a whole batch at once.
@@ -94,7 +98,8 @@ def crop_resize(x: Tensor, boxes: Tensor, out_size: int) -> Tensor:
     return out
 
 
-def random_resized_crop(x: Tensor, out_size: int, scale: tuple[float, float] = (0.5, 1.0),
+def random_resized_crop(x: Tensor, out_size: int,
+                        scale: tuple[float, float] = PAPER_MAE_CROP_SCALE,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         generator: torch.Generator | None = None) -> Tensor:
     """RandomResizedCrop for a batch [B, C, H, W] -> [B, C, S, S], a fresh box per image."""
@@ -220,7 +225,7 @@ class MaeAugment:
     """
 
     size: int
-    scale: tuple[float, float] = (0.5, 1.0)
+    scale: tuple[float, float] = PAPER_MAE_CROP_SCALE
     flip: bool = True
     mean: Stat = 0.5
     std: Stat = 0.25

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-from cxr_lib.augment.crops import MaeAugment
+from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, MaeAugment
 from cxr_lib.augment.randaugment import RandAugment, fill_level
 from cxr_lib.augment.views import MocoAugment
 from cxr_lib.bench.options import TASK_NAMES, BenchSettings, settings_from_args
@@ -334,12 +334,12 @@ class MaeTask(BenchTask):
                            betas=(0.9, 0.95), seed=s.seed)
 
     def reference_transform(self, s: BenchSettings) -> Callable:
-        crop = v2.RandomResizedCrop(s.image_size, scale=(0.5, 1.0),
+        crop = v2.RandomResizedCrop(s.image_size, scale=PAPER_MAE_CROP_SCALE,
                                     interpolation=v2.InterpolationMode.BICUBIC)
         return v2.Compose([crop, v2.RandomHorizontalFlip(), *_pil_to_tensor()])
 
     def engine_transform(self, s: BenchSettings) -> Callable:
-        return MaeAugment(s.image_size, scale=(0.5, 1.0), mean=MEAN, std=STD)
+        return MaeAugment(s.image_size, scale=PAPER_MAE_CROP_SCALE, mean=MEAN, std=STD)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from fastai.torch_core import default_device
 
-from cxr_lib.augment.crops import MaeAugment, split_stats
+from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, MaeAugment, split_stats
 from cxr_lib.chapters.sentences import span
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
@@ -30,6 +30,7 @@ from cxr_lib.methods.probe import ProbeResult, extract_features, linear_probe, m
 from cxr_lib.models.classifier import load_start, read_state_dict
 from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
 from cxr_lib.models.mae import (
+    PAPER_MASK_RATIO,
     MaskedAutoencoder,
     build_mae,
     encoder_state_dict,
@@ -54,8 +55,8 @@ class MaeRecipe:
     model: str = "vit_small_patch16"
     img_size: int = 224
     patch_size: int | None = None  # None: the model's own (16)
-    mask_ratio: float = 0.9
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    mask_ratio: float = PAPER_MASK_RATIO
+    crop_scale: tuple[float, float] = PAPER_MAE_CROP_SCALE
     norm_pix_loss: bool = False
     # None: the preset's decoder (512 wide; 2 blocks for ViT-T/S, 8 for ViT-B). A narrower one
     # keeps small CPU runs affordable: the decoder sees every patch, the encoder only 10%.
