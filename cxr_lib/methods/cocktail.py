@@ -36,7 +36,8 @@ from cxr_lib.data.sources import read_source
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.finetune import TEST_SCORES, FinetuneRecipe
 from cxr_lib.methods.mae import HeldoutErrors
-from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
+from cxr_lib.models.classifier import imagenet_weights
+from cxr_lib.models.families import family
 
 LOWRES = "phantom-lowres"
 
@@ -162,7 +163,7 @@ def medtransformer_start(model: str) -> Path:
     Hiera its ImageNet MAE pre-training alone (facebookresearch/hiera's `mae_in1k`, timm's tag
     `mae`), decoder side included where the file has it, not the classifier timm fine-tuned
     from it on ImageNet's labels; for a ViT, timm's default ImageNet weights."""
-    return imagenet_weights(model, tag="mae" if timm_name(model) in HIERAS else None)
+    return imagenet_weights(model, tag="mae" if family(model) == "hiera" else None)
 
 
 def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:

@@ -28,7 +28,8 @@ from cxr_lib.engine.inference import eval_mode
 from cxr_lib.engine.metrics import model_loss
 from cxr_lib.methods.probe import ProbeResult, extract_features, linear_probe, mae_features
 from cxr_lib.models.classifier import load_start, read_state_dict
-from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
+from cxr_lib.models.families import mae_family
+from cxr_lib.models.hiera_mae import HieraMae, build_hiera_mae
 from cxr_lib.models.mae import (
     PAPER_MASK_RATIO,
     MaskedAutoencoder,
@@ -78,7 +79,7 @@ class MaeRecipe:
 
     def build(self) -> MaskedAutoencoder | HieraMae:
         """A ViT MAE for the ViT presets, a Hiera MAE for `hiera_*` (patch size None or 4)."""
-        build = build_hiera_mae if self.model in HIERA_PRESETS else build_mae
+        build = build_hiera_mae if mae_family(self.model) == "hiera" else build_mae
         return build(self.model, img_size=self.img_size, patch_size=self.patch_size,
                      in_chans=self.in_chans, mask_ratio=self.mask_ratio,
                      norm_pix_loss=self.norm_pix_loss, decoder_dim=self.decoder_dim,
