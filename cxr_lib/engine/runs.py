@@ -115,6 +115,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], **meta: Any) -> Path:
+    """Write pre-trained weights for fine-tuning: `{"model": state, **meta}` (meta in the
+    order given), atomically, making the folder; returns `path`. The one layout of the MAE
+    encoder and MoCo backbone files: `models.classifier.read_state_dict` takes the tensors under
+    "model", and the rest (recipe, normalisation, run) is read by `torch.load`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": state, **meta}, path)
+    return path
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write `text` to `path` atomically."""
     with replacing(path, "w") as f:

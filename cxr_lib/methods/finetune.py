@@ -59,6 +59,7 @@ from cxr_lib.engine.fit import fit
 from cxr_lib.engine.inference import eval_mode
 from cxr_lib.engine.metrics import ValidAUC, masked_bce_loss, mean_auc
 from cxr_lib.engine.order import ORDER
+from cxr_lib.engine.resume import load_run_weights
 from cxr_lib.methods.mae import cache_identity
 from cxr_lib.models.classifier import (
     build_classifier,
@@ -404,9 +405,7 @@ def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, Finetu
     model, _ = build_classifier(recipe.model, num_classes=len(cache.findings),
                                 in_chans=recipe.in_chans, img_size=recipe.img_size,
                                 patch_size=recipe.patch_size, drop_path=recipe.drop_path)
-    weights = run_dir / runs.BEST if (run_dir / runs.BEST).exists() else run_dir / runs.CHECKPOINT
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
-    return model.eval(), finetune_augment(cache, recipe)
+    return load_run_weights(model, run_dir).eval(), finetune_augment(cache, recipe)
 
 
 def split_scores(run_dir: str | Path, cache: Cache, split: str = "val", batch_size: int = 128

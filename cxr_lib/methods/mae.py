@@ -171,14 +171,11 @@ def probe_encoder(mae: MaskedAutoencoder, cache: Cache, augment: MaeAugment, *,
 
 def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
     """Write the encoder (timm ViT keys) with its recipe, for fine-tuning (chapter 4)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runs.atomic_save({"model": encoder_state_dict(pretrained.mae),
-                      "recipe": runs.without_defaults(dataclasses.asdict(pretrained.recipe),
-                                                      _LATER_FIELDS),
-                      "normalise": [pretrained.augment.mean, pretrained.augment.std],
-                      "run": pretrained.run.path.name}, path)
-    return path
+    return runs.save_weights(path, encoder_state_dict(pretrained.mae),
+                             recipe=runs.without_defaults(dataclasses.asdict(pretrained.recipe),
+                                                          _LATER_FIELDS),
+                             normalise=[pretrained.augment.mean, pretrained.augment.std],
+                             run=pretrained.run.path.name)
 
 
 @dataclass(frozen=True)
