@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from cxr_lib.augment.randaugment import affine_matrix, warp
+from cxr_lib.augment.randaugment import RandAugment, affine_matrix, fill_level, warp
 from cxr_lib.device import to_device
 
 if TYPE_CHECKING:
@@ -251,3 +251,37 @@ class MaeAugment:
     def plain(self, x_u8: Tensor) -> Tensor:
         """The deterministic evaluation view with the same size and normalisation."""
         return to_float(center_resize(x_u8, self.size), self.mean, self.std, self.channels)
+
+
+@dataclass(frozen=True)
+class FinetuneAugment:
+    """Training views: random-resized crop, flip, rotation, RandAugment on uint8 (batched),
+    normalise."""
+
+    size: int
+    scale: tuple[float, float]
+    mean: float
+    std: float
+    randaug: RandAugment | None = None
+    rotation: float = 0.0
+    channels: int = 1
+    eval_crop: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.scale)
+
+    def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 [B, 1, H, W] -> float [B, channels, size, size], freshly augmented."""
+        x = random_resized_crop(x_u8, self.size, self.scale, generator=generator)  # uint8
+        x = hflip(x, 0.5, generator)  # [B, 1, S, S]
+        if self.rotation:
+            x = random_rotate(x, self.rotation, fill_level(self.mean), generator)
+        if self.randaug is not None:
+            x = self.randaug(x, generator)  # [B, 1, S, S] uint8
+        return to_float(x, self.mean, self.std, self.channels)  # [B, channels, S, S]
+
+    def plain(self, x_u8: Tensor) -> Tensor:
+        """The evaluation view: the central `eval_crop` of the image (all of it by default)
+        resized, normalised the same way."""
+        view = center_resize(x_u8, self.size, self.eval_crop)  # [B, 1, S, S] uint8
+        return to_float(view, self.mean, self.std, self.channels)

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, MaeAugment
+from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, FinetuneAugment, MaeAugment
 from cxr_lib.augment.randaugment import RandAugment, fill_level
 from cxr_lib.augment.views import MocoAugment
 from cxr_lib.bench.options import TASK_NAMES, BenchSettings, settings_from_args
@@ -73,7 +73,6 @@ from cxr_lib.engine.metrics import masked_bce_loss, model_loss
 from cxr_lib.engine.runs import atomic_write_text
 from cxr_lib.engine.schedule import make_optimizer
 from cxr_lib.methods.finetune import (
-    FinetuneAugment,
     FinetuneRecipe,
     layer_decay_groups,
     paper_config,
