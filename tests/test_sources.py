@@ -1,6 +1,9 @@
 """The one registry of data sources: what the command offers, open_source and the cocktail read."""
 
+import argparse
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +13,12 @@ from cxr_lib.data.sources import source
 
 
 def _prepare_choices() -> list[str]:
-    data = next(a for a in build_parser()._subparsers._group_actions[0].choices["data"]
-                ._subparsers._group_actions[0].choices.items() if a[0] == "prepare")[1]
-    return next(a.choices for a in data._actions if a.dest == "source")
+    def command(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        groups = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return groups.choices[name]
+
+    prepare = command(command(build_parser(), "data"), "prepare")
+    return next(a.choices for a in prepare._actions if a.dest == "source")
 
 
 def test_the_command_offers_exactly_the_registered_sources():
@@ -51,3 +57,12 @@ def test_read_source_and_open_source_give_the_readers_data_sets():
     for opened in (open_source("phantom", count=6, size=16, seed=3),
                    read_source("phantom", n=6, size=16, seed=3)):
         assert opened.meta.equals(direct.meta) and (opened.labels == direct.labels).all()
+
+
+def test_the_command_and_the_recipes_open_sources_only_through_the_registry():
+    library = Path(source.__code__.co_filename).resolve().parents[1]
+    readers = {entry.reader.split(":")[1] for entry in SOURCES.values()}
+    direct = [f"{path.relative_to(library)}: {name}"
+              for path in [library / "cli.py", *sorted((library / "methods").glob("*.py"))]
+              for name in readers if re.search(rf"\b{name}\b", path.read_text())]
+    assert direct == []
