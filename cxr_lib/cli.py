@@ -9,6 +9,43 @@ import traceback
 from pathlib import Path
 
 from cxr_lib.bench.options import add_bench_arguments
+from cxr_lib.data.sources import SOURCES
+
+
+class _Settings:
+    """The one way an option is resolved: the flag where given, else the profile's value in
+    `section`, else the default. A flag left out is absent from `args` (argparse.SUPPRESS), so
+    a given `none` (None) is a value; a required setting that stays None is named by `check`.
+    """
+
+    def __init__(self, args: argparse.Namespace, profile, section: str):
+        self.args, self.profile, self.section = args, profile, section
+        self.values = profile.chapters.get(section, {})
+        self.missing: list[str] = []
+
+    def __call__(self, name: str, key: str | None = None, default=None, *,
+                 required: bool = False, first: bool = False):
+        """Option `name` (argument dest), else the profile's `key` (default `name`; with
+        `first`, a list whose first item is the value), else `default`."""
+        if name in vars(self.args):
+            value = getattr(self.args, name)
+        elif first:
+            value = (self.values.get(name if key is None else key) or [default])[0]
+        else:
+            value = self.values.get(name if key is None else key, default)
+        if required and value is None:
+            self.missing.append(name)
+        return value
+
+    def check(self) -> None:
+        """Refuse the required settings that neither the options nor the profile set."""
+        if self.missing:
+            from cxr_lib.book.profiles import ProfileError
+
+            missing = sorted(self.missing)
+            options = ", ".join("--" + name.replace("_", "-") for name in missing)
+            raise ProfileError(f"{self.profile.path}: the {self.section} section does not set "
+                               f"{', '.join(missing)}; add them there or pass {options}")
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -41,30 +78,40 @@ def _book_build(args: argparse.Namespace) -> None:
     print(build_book(args.profile, published=args.published))
 
 
-def _pretrain_mae(args: argparse.Namespace) -> None:
+def _mae_recipe_and_config(args: argparse.Namespace):
     from cxr_lib.book.profiles import load_profile
-    from cxr_lib.data.cache import open_cache
     from cxr_lib.device import resolve_device
     from cxr_lib.engine.config import TrainConfig
-    from cxr_lib.methods.mae import MaeRecipe, pretrain_mae, save_encoder
+    from cxr_lib.methods.mae import MaeRecipe
 
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
-    defaults = profile.chapters.get("02_mae_pretraining", {})
-
-    def value(name: str):
-        given = getattr(args, name)
-        return given if given is not None else defaults[name]
-
-    recipe = MaeRecipe(model=value("model"), img_size=value("image_size"),
-                       patch_size=value("patch_size"), mask_ratio=args.mask_ratio,
-                       crop_scale=tuple(args.crop_scale), decoder_dim=value("decoder_dim"),
-                       decoder_depth=value("decoder_depth"), decoder_heads=value("decoder_heads"),
-                       in_chans=args.in_chans or defaults.get("in_chans", 1),
+    value, base = _Settings(args, profile, "02_mae_pretraining"), MaeRecipe()
+    # The recipe's options default to MaeRecipe's (the paper's; None: the preset's patch and
+    # decoder), the optimiser's must be set by the profile or the options
+    recipe = MaeRecipe(model=value("model", default=base.model),
+                       img_size=value("image_size", default=base.img_size),
+                       patch_size=value("patch_size", default=base.patch_size),
+                       mask_ratio=value("mask_ratio", default=base.mask_ratio),
+                       crop_scale=tuple(value("crop_scale", default=base.crop_scale)),
+                       decoder_dim=value("decoder_dim", default=base.decoder_dim),
+                       decoder_depth=value("decoder_depth", default=base.decoder_depth),
+                       decoder_heads=value("decoder_heads", default=base.decoder_heads),
+                       in_chans=value("in_chans", default=base.in_chans),
                        init_weights=None if args.init_weights is None else str(args.init_weights))
-    config = TrainConfig(epochs=value("epochs"), batch_size=value("batch_size"),
-                         base_lr=value("base_lr"), warmup_epochs=value("warmup_epochs"),
-                         seed=profile.shared.get("seed", 0), **_engine_settings(args))
+    optimiser = {name: value(name, required=True)
+                 for name in ("epochs", "batch_size", "base_lr", "warmup_epochs")}
+    value.check()
+    config = TrainConfig(**optimiser, seed=profile.shared.get("seed", 0),
+                         **_engine_settings(args))
+    return profile, recipe, config
+
+
+def _pretrain_mae(args: argparse.Namespace) -> None:
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.methods.mae import pretrain_mae, save_encoder
+
+    profile, recipe, config = _mae_recipe_and_config(args)
     runs_dir = args.runs or Path("build") / profile.name / "runs"
     pretrained = pretrain_mae(open_cache(args.data), recipe, config, runs_dir, force=args.force)
     _print_run(pretrained.run)
@@ -73,26 +120,19 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
     _exit_if_diverged(pretrained.run)
 
 
-def _pretrain_moco(args: argparse.Namespace) -> None:
-    from cxr_lib.book.profiles import ProfileError, load_profile
-    from cxr_lib.data.cache import open_cache
+def _moco_recipe_and_config(args: argparse.Namespace):
+    from cxr_lib.book.profiles import load_profile
     from cxr_lib.device import resolve_device
-    from cxr_lib.methods.moco import (
-        KnnSettings,
-        MocoRecipe,
-        moco_config,
-        pretrain_moco,
-        save_backbone,
-    )
+    from cxr_lib.methods.moco import KnnSettings, MocoRecipe, moco_config
 
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
-    section = profile.chapters.get("03_moco_baselines", {})
     # The 03_moco_baselines values this command reads, defaulting to MoCo v2's as the recipe,
     # the optimiser and the kNN monitor define them; the profile or the options must set those
     # in `required` (a head width of None is MoCo's: as wide as the backbone's features).
+    value = _Settings(args, profile, "03_moco_baselines")
     base, monitor = MocoRecipe(), KnnSettings()
-    required = ("image_size", "epochs", "batch_size", "model")
+    required = ("image_size", "epochs", "batch_size")
     optimiser = inspect.signature(moco_config).parameters
     defaults = {"image_size": None, "epochs": None, "batch_size": None,
                 "warmup_epochs": optimiser["warmup_epochs"].default,
@@ -101,15 +141,10 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
                 "hidden_dim": base.hidden_dim, "bn_splits": base.bn_splits,
                 "in_chans": base.in_chans,
                 "knn_k": monitor.k, "knn_every": monitor.every, "knn_images": monitor.max_images}
-    values = {name: section.get(name, default) for name, default in defaults.items()}
-    values.update({name: getattr(args, name) for name in defaults
-                   if getattr(args, name) is not None})
-    values["model"] = args.model or (section.get("models") or [None])[0]
-    missing = sorted(name for name in required if values[name] is None)
-    if missing:
-        options = ", ".join("--" + name.replace("_", "-") for name in missing)
-        raise ProfileError(f"{profile.path}: the 03_moco_baselines section does not set "
-                           f"{', '.join(missing)}; add them there or pass {options}")
+    values = {name: value(name, default=default, required=name in required)
+              for name, default in defaults.items()}
+    values["model"] = value("model", "models", required=True, first=True)
+    value.check()
     recipe = MocoRecipe(model=values["model"], img_size=values["image_size"],
                         hidden_dim=values["hidden_dim"], queue_size=values["queue_size"],
                         momentum=values["momentum"], temperature=values["temperature"],
@@ -119,6 +154,14 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
                          seed=profile.shared.get("seed", 0), **_engine_settings(args))
     knn = KnnSettings(k=values["knn_k"], every=values["knn_every"],
                       max_images=values["knn_images"])
+    return profile, recipe, config, knn
+
+
+def _pretrain_moco(args: argparse.Namespace) -> None:
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.methods.moco import pretrain_moco, save_backbone
+
+    profile, recipe, config, knn = _moco_recipe_and_config(args)
     runs_dir = args.runs or Path("build") / profile.name / "runs"
     pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
                                force=args.force)
@@ -169,20 +212,14 @@ def _recipe_and_config(args: argparse.Namespace):
 
     profile = load_profile(args.profile)
     resolve_device(profile.shared.get("device", "auto"))
-    section = profile.chapters.get("04_finetuning_ablations", {})
+    value = _Settings(args, profile, "04_finetuning_ablations")
     paper, base = paper_config(), FinetuneRecipe()
-
-    def value(name: str, key: str, fallback):
-        # an option left out is absent (argparse.SUPPRESS), so `--randaug none` (None) is kept
-        return getattr(args, name) if name in vars(args) else section.get(key, fallback)
-
     model = value("model", "vit_model", base.model)
     vit, decays = is_vit(model), supports_layer_decay(model)
-    patch = profile.chapters.get("02_mae_pretraining", {}).get("patch_size")
     recipe = FinetuneRecipe(
         model=model, init=args.init, weights=args.weights,
         img_size=value("image_size", "image_size", base.img_size),
-        patch_size=(args.patch_size or patch) if vit else None,
+        patch_size=_Settings(args, profile, "02_mae_pretraining")("patch_size") if vit else None,
         layer_decay=(value("layer_decay", "paper_layer_decay", base.layer_decay) if decays
                      else None),
         drop_path=value("drop_path", "paper_drop_path", base.drop_path if decays else 0.0),
@@ -266,7 +303,8 @@ def _add_recipe_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--weights", type=Path, help="the start's file (mae, moco, torchvision, "
                      "finetuned: a whole classifier, head kept; imagenet: optional, else the "
                      "Hugging Face cache)")
-    cmd.add_argument("--patch-size", type=int, help="ViT patch (default: chapter 2's)")
+    cmd.add_argument("--patch-size", type=int, help="ViT patch (default: chapter 2's)",
+                     default=argparse.SUPPRESS)
     cmd.add_argument("--mixup", type=float, default=0.0)
     cmd.add_argument("--cutmix", type=float, default=0.0)
     cmd.add_argument("--train-fraction", type=float, default=1.0,
@@ -353,8 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = groups.add_parser("data", help="prepare and check preprocessing caches")
     data_cmds = data.add_subparsers(dest="command", required=True)
     prep = data_cmds.add_parser("prepare", help="decode a data source once into a uint8 cache")
-    prep.add_argument("--source", required=True, choices=["chestxray14", "folder", "chexpert",
-                                                          "covid19_radiography", "phantom"])
+    prep.add_argument("--source", required=True, choices=list(SOURCES))
     prep.add_argument("--root", type=Path, help="data set root (not used for phantoms)")
     prep.add_argument("--size", type=int, default=256, help="side of the square images")
     prep.add_argument("--out", type=Path, required=True, help="cache folder to write")
@@ -394,26 +431,32 @@ def build_parser() -> argparse.ArgumentParser:
     mae = pretrain_cmds.add_parser(
         "mae", help="masked-autoencoder pre-training (chapter 2); unset options come from the "
         "profile's 02_mae_pretraining section")
+    # Left out, a recipe option is absent from args (SUPPRESS): _Settings then reads the profile
+    unset = {"default": argparse.SUPPRESS}
     mae.add_argument("--profile", default="cpu", help="profile name or YAML path")
     mae.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
     mae.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
-    mae.add_argument("--model", help="vit_tiny_patch16, vit_small_patch16 or vit_base_patch16")
-    mae.add_argument("--image-size", type=int)
-    mae.add_argument("--patch-size", type=int)
-    mae.add_argument("--decoder-dim", type=int)
-    mae.add_argument("--decoder-depth", type=int)
-    mae.add_argument("--decoder-heads", type=int)
+    mae.add_argument("--model", help="vit_tiny_patch16, vit_small_patch16 or vit_base_patch16",
+                     **unset)
+    mae.add_argument("--image-size", type=int, **unset)
+    mae.add_argument("--patch-size", type=int, **unset)
+    mae.add_argument("--decoder-dim", type=int, **unset)
+    mae.add_argument("--decoder-depth", type=int, **unset)
+    mae.add_argument("--decoder-heads", type=int, **unset)
     mae.add_argument("--in-chans", type=int, choices=[1, 3], help="3: the gray image "
-                     "replicated to RGB, as the papers feed it (default: the profile's, else 1)")
+                     "replicated to RGB, as the papers feed it (default: the profile's, else 1)",
+                     **unset)
     mae.add_argument("--init-weights", type=Path, help="continue from these MAE or ViT weights "
                      "(e.g. a released MAE: its decoder kept, other channel counts adapted)")
-    mae.add_argument("--mask-ratio", type=float, default=0.9)
-    mae.add_argument("--crop-scale", type=float, nargs=2, default=[0.5, 1.0],
-                     metavar=("LOW", "HIGH"))
-    mae.add_argument("--epochs", type=int)
-    mae.add_argument("--warmup-epochs", type=float)
-    mae.add_argument("--batch-size", type=int, help="global batch (all GPUs together)")
-    mae.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
+    mae.add_argument("--mask-ratio", type=float, help="share of the patches masked (default: "
+                     "the profile's, else the X-ray MAE paper's)", **unset)
+    mae.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                     help="area fractions of the random crop (default: the profile's, else "
+                     "the X-ray MAE paper's)", **unset)
+    mae.add_argument("--epochs", type=int, **unset)
+    mae.add_argument("--warmup-epochs", type=float, **unset)
+    mae.add_argument("--batch-size", type=int, help="global batch (all GPUs together)", **unset)
+    mae.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256", **unset)
     mae.add_argument("--save", type=Path, help="also write the encoder here (timm ViT keys)")
     mae.add_argument("--force", action="store_true", help="train again even if finished")
     _add_engine_arguments(mae)
@@ -425,23 +468,30 @@ def build_parser() -> argparse.ArgumentParser:
     moco.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
     moco.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
     moco.add_argument("--model", help="a timm backbone, e.g. densenet121 or resnet50 (default: "
-                      "the first of the profile's models)")
-    moco.add_argument("--image-size", type=int)
-    moco.add_argument("--epochs", type=int)
-    moco.add_argument("--warmup-epochs", type=float)
-    moco.add_argument("--batch-size", type=int, help="global batch (all GPUs together)")
-    moco.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256")
-    moco.add_argument("--queue-size", type=int, help="negative keys kept (MoCo: 65536)")
-    moco.add_argument("--momentum", type=float, help="of the key encoder (MoCo: 0.999)")
-    moco.add_argument("--temperature", type=float, help="of the InfoNCE softmax (MoCo v2: 0.2)")
+                      "the first of the profile's models)", **unset)
+    moco.add_argument("--image-size", type=int, **unset)
+    moco.add_argument("--epochs", type=int, **unset)
+    moco.add_argument("--warmup-epochs", type=float, **unset)
+    moco.add_argument("--batch-size", type=int, help="global batch (all GPUs together)",
+                      **unset)
+    moco.add_argument("--base-lr", type=float, help="lr = base_lr x batch_size / 256", **unset)
+    moco.add_argument("--queue-size", type=int, help="negative keys kept (MoCo: 65536)",
+                      **unset)
+    moco.add_argument("--momentum", type=float, help="of the key encoder (MoCo: 0.999)",
+                      **unset)
+    moco.add_argument("--temperature", type=float, help="of the InfoNCE softmax (MoCo v2: 0.2)",
+                      **unset)
     moco.add_argument("--hidden-dim", type=int, help="width of the projection head (default: "
-                      "the backbone's feature width, as MoCo's code)")
+                      "the backbone's feature width, as MoCo's code)", **unset)
     moco.add_argument("--in-chans", type=int, choices=[1, 3],
-                      help="3: the gray image replicated to RGB, as the papers feed it")
-    moco.add_argument("--bn-splits", type=int, help="batch-norm groups of the global batch (8)")
-    moco.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (20)")
-    moco.add_argument("--knn-every", type=int, help="epochs between kNN evaluations (1)")
-    moco.add_argument("--knn-images", type=int, help="images per split in the kNN monitor")
+                      help="3: the gray image replicated to RGB, as the papers feed it", **unset)
+    moco.add_argument("--bn-splits", type=int, help="batch-norm groups of the global batch (8)",
+                      **unset)
+    moco.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (20)", **unset)
+    moco.add_argument("--knn-every", type=int, help="epochs between kNN evaluations (1)",
+                      **unset)
+    moco.add_argument("--knn-images", type=int, help="images per split in the kNN monitor",
+                      **unset)
     moco.add_argument("--save", type=Path, help="also write the backbone here (timm keys)")
     moco.add_argument("--force", action="store_true", help="train again even if finished")
     _add_engine_arguments(moco)

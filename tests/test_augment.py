@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr_lib.augment.crops import (
+    FinetuneAugment,
     MaeAugment,
     center_resize,
     hflip,
@@ -18,7 +19,6 @@ from cxr_lib.augment.crops import (
 )
 from cxr_lib.augment.randaugment import RandAugment
 from cxr_lib.augment.views import MocoAugment
-from cxr_lib.methods.finetune import FinetuneAugment
 
 
 def batch(b: int = 4, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
@@ -153,3 +153,24 @@ def test_on_a_gpu_the_augmentations_queue_without_a_host_sync(augment):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.is_cuda and out.shape[-2:] == (64, 64) and bool(torch.isfinite(out).all())
+
+
+def test_the_three_recipes_views_live_in_augment_and_keep_their_random_streams():
+    """MAE's, fine-tuning's and MoCo's augmentations are augment/'s classes (fine-tuning's was
+    defined in methods/finetune.py); a seed gives the outputs it gave before the move (sums
+    measured on the code before it, a2e6154)."""
+    from cxr_lib.methods import finetune
+
+    assert finetune.FinetuneAugment is FinetuneAugment
+    assert {cls.__module__ for cls in (MaeAugment, FinetuneAugment, MocoAugment)} == {
+        "cxr_lib.augment.crops", "cxr_lib.augment.views"}
+    x = torch.randint(0, 256, (6, 1, 48, 48), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
+    for augment, total, size in (
+            (MaeAugment(32, mean=0.45, std=0.22), 1405.0631230510771, 3700.6242340393364),
+            (FinetuneAugment(32, (0.5, 1.0), 0.45, 0.22, RandAugment(9.0, prob=1.0),
+                             rotation=30.0), 1213.0130884442478, 5524.750841369852),
+            (MocoAugment(32, mean=0.45, std=0.22), 775.9839132218622, 8821.429620299954)):
+        out = augment(x, torch.Generator().manual_seed(0)).double()
+        assert float(out.sum()) == pytest.approx(total, rel=1e-9, abs=1e-6), type(augment)
+        assert float(out.abs().sum()) == pytest.approx(size, rel=1e-9), type(augment)

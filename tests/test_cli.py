@@ -93,6 +93,82 @@ def test_finetune_options_left_out_come_from_the_profile_and_none_turns_a_settin
     assert _finetune_recipe("--epochs", "3")[1].epochs == 3
 
 
+def test_one_resolver_gives_the_flag_then_the_profile_then_the_default():
+    from types import SimpleNamespace
+
+    from cxr_lib.book.profiles import ProfileError
+    from cxr_lib.cli import _Settings
+
+    profile = SimpleNamespace(path="p.yaml", chapters={"sec": {"a": 2, "b": None, "m": [7, 8]}})
+    given = _Settings(SimpleNamespace(a=1, b=5, c=None), profile, "sec")
+    assert (given("a", default=3), given("b", default=3), given("c", default=3)) == (1, 5, None)
+    left_out = _Settings(SimpleNamespace(), profile, "sec")
+    assert (left_out("a", default=3), left_out("z", default=3), left_out("z", "a")) == (2, 3, 2)
+    assert left_out("b", default=3) is None  # a profile's null is its value, as a flag's none
+    assert left_out("model", "m", first=True) == 7 and left_out("z", first=True) is None
+    left_out("z", required=True)
+    left_out("y", "a", required=True)  # found in the profile: not missing
+    with pytest.raises(ProfileError, match=r"^p.yaml: the sec section does not set z; add "
+                                           r"them there or pass --z$"):
+        left_out.check()
+
+
+def _profile_with(tmp_path, section: str, **values) -> str:
+    import yaml
+
+    from cxr_lib.book.profiles import load_profile
+
+    data = yaml.safe_load(load_profile("cpu").path.read_text())
+    data["chapters"][section].update(values)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _mae_recipe(*options: str):
+    from cxr_lib.cli import _mae_recipe_and_config, build_parser
+
+    args = build_parser().parse_args(["pretrain", "mae", "--data", "unused", *options])
+    return _mae_recipe_and_config(args)[1:]
+
+
+def test_mae_mask_ratio_and_crop_scale_follow_flag_then_profile_then_paper(tmp_path):
+    from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE
+    from cxr_lib.models.mae import PAPER_MASK_RATIO
+
+    recipe, config = _mae_recipe()  # cpu.yaml sets neither
+    assert (recipe.mask_ratio, recipe.crop_scale) == (PAPER_MASK_RATIO, PAPER_MAE_CROP_SCALE)
+    assert (PAPER_MASK_RATIO, PAPER_MAE_CROP_SCALE) == (0.9, (0.5, 1.0))
+    assert (recipe.model, recipe.patch_size, config.epochs) == ("vit_tiny_patch16", 8, 6)
+    profile = _profile_with(tmp_path, "02_mae_pretraining", mask_ratio=0.75,
+                            crop_scale=[0.2, 1.0], epochs=2)
+    recipe, config = _mae_recipe("--profile", profile)
+    assert (recipe.mask_ratio, recipe.crop_scale, config.epochs) == (0.75, (0.2, 1.0), 2)
+    recipe, config = _mae_recipe("--profile", profile, "--mask-ratio", "0.5", "--crop-scale",
+                                 "0.3", "0.9", "--epochs", "4")
+    assert (recipe.mask_ratio, recipe.crop_scale, config.epochs) == (0.5, (0.3, 0.9), 4)
+
+
+def test_moco_options_follow_the_same_resolver_and_name_what_is_missing(tmp_path):
+    from cxr_lib.book.profiles import ProfileError, load_profile
+    from cxr_lib.cli import _moco_recipe_and_config, build_parser
+
+    def moco(*options):
+        args = build_parser().parse_args(["pretrain", "moco", "--data", "unused", *options])
+        return _moco_recipe_and_config(args)[1:]
+
+    section = load_profile("cpu").chapters["03_moco_baselines"]
+    recipe, config, _ = moco()
+    assert (recipe.model, recipe.img_size, config.epochs) == (
+        section["models"][0], section["image_size"], section["epochs"])
+    recipe, config, knn = moco("--model", "resnet50", "--epochs", "1", "--knn-k", "3")
+    assert (recipe.model, config.epochs, knn.k) == ("resnet50", 1, 3)
+    bare = _profile_with(tmp_path, "03_moco_baselines", models=[], epochs=None)
+    with pytest.raises(ProfileError, match=r"does not set epochs, model; add them there or "
+                                           r"pass --epochs, --model$"):
+        moco("--profile", bare)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     (["--size", "0"], "size must be a whole number >= 1, got 0"),
     (["--size", "-8"], "size must be a whole number >= 1, got -8"),

@@ -1,5 +1,6 @@
 """Run folders: stable config hashes, atomic files, finished-run detection, the runs table."""
 
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -148,3 +149,35 @@ def test_list_runs_tables_finished_runs(tmp_path):
     assert len(everything) == 3
     assert everything.set_index("kind").loc["moco", "betas"] == (0.9, 0.99)
     assert runs.list_runs(tmp_path / "missing").empty
+
+
+def test_saved_weights_keep_the_layout_load_start_reads_byte_for_byte(tmp_path):
+    from cxr_lib.models.classifier import read_state_dict
+
+    state = torch.nn.Linear(3, 2).state_dict()
+    meta = {"backbone": "resnet50", "recipe": {"model": "resnet50"}, "normalise": [0.5, 0.25],
+            "run": "moco-0123456789ab"}
+    runs.atomic_save({"model": state, **meta}, tmp_path / "by_hand.pt")  # the layout as written
+    saved = runs.save_weights(tmp_path / "new" / "saver.pt", state, **meta)
+    assert saved == tmp_path / "new" / "saver.pt"
+    assert saved.read_bytes() == (tmp_path / "by_hand.pt").read_bytes()
+    assert list(torch.load(saved, weights_only=True)) == ["model", *meta]
+    read = read_state_dict(saved)
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+
+
+def test_one_loader_gives_a_finished_runs_kept_weights(tmp_path):
+    from cxr_lib.engine.resume import load_run_weights
+    from cxr_lib.methods import finetune
+
+    last, best = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    runs.atomic_save({"model": last.state_dict()}, tmp_path / runs.CHECKPOINT)
+    net = torch.nn.Linear(2, 1)
+    assert load_run_weights(net, tmp_path) is net and torch.equal(net.weight, last.weight)
+    runs.atomic_save({"model": best.state_dict()}, tmp_path / runs.BEST)
+    assert torch.equal(load_run_weights(net, tmp_path).weight, best.weight)
+    assert torch.equal(load_run_weights(net, tmp_path, keep_best=False).weight, last.weight)
+    (tmp_path / runs.BEST).write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match=r"best\.pt: unreadable checkpoint"):
+        load_run_weights(net, tmp_path)
+    assert "load_run_weights(" in inspect.getsource(finetune.load_finetuned)

@@ -21,13 +21,17 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from cxr_lib.augment.randaugment import affine_matrix, warp
+from cxr_lib.augment.randaugment import RandAugment, affine_matrix, fill_level, warp
 from cxr_lib.device import to_device
 
 if TYPE_CHECKING:
     from cxr_lib.data.cache import Cache
 
 Stat = float | Sequence[float]
+
+# The X-ray MAE's crop range, area fractions (Xiao et al.; ImageNet's MAE crops 0.2 to 1): the
+# library's one statement of it, which MaeAugment, MaeRecipe and `cxr pretrain mae` default to
+PAPER_MAE_CROP_SCALE = (0.5, 1.0)
 
 
 def check_crop_scale(scale: tuple[float, float]) -> None:
@@ -40,7 +44,7 @@ def check_crop_scale(scale: tuple[float, float]) -> None:
 
 
 def sample_crop_boxes(batch: int, height: int, width: int,
-                      scale: tuple[float, float] = (0.5, 1.0),
+                      scale: tuple[float, float] = PAPER_MAE_CROP_SCALE,
                       ratio: tuple[float, float] = (3 / 4, 4 / 3),
                       generator: torch.Generator | None = None, tries: int = 10) -> Tensor:
     """Crop boxes with torchvision RandomResizedCrop's distribution, for a whole batch at once.
@@ -94,7 +98,8 @@ def crop_resize(x: Tensor, boxes: Tensor, out_size: int) -> Tensor:
     return out
 
 
-def random_resized_crop(x: Tensor, out_size: int, scale: tuple[float, float] = (0.5, 1.0),
+def random_resized_crop(x: Tensor, out_size: int,
+                        scale: tuple[float, float] = PAPER_MAE_CROP_SCALE,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         generator: torch.Generator | None = None) -> Tensor:
     """RandomResizedCrop for a batch [B, C, H, W] -> [B, C, S, S], a fresh box per image."""
@@ -220,7 +225,7 @@ class MaeAugment:
     """
 
     size: int
-    scale: tuple[float, float] = (0.5, 1.0)
+    scale: tuple[float, float] = PAPER_MAE_CROP_SCALE
     flip: bool = True
     mean: Stat = 0.5
     std: Stat = 0.25
@@ -246,3 +251,37 @@ class MaeAugment:
     def plain(self, x_u8: Tensor) -> Tensor:
         """The deterministic evaluation view with the same size and normalisation."""
         return to_float(center_resize(x_u8, self.size), self.mean, self.std, self.channels)
+
+
+@dataclass(frozen=True)
+class FinetuneAugment:
+    """Training views: random-resized crop, flip, rotation, RandAugment on uint8 (batched),
+    normalise."""
+
+    size: int
+    scale: tuple[float, float]
+    mean: float
+    std: float
+    randaug: RandAugment | None = None
+    rotation: float = 0.0
+    channels: int = 1
+    eval_crop: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.scale)
+
+    def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 [B, 1, H, W] -> float [B, channels, size, size], freshly augmented."""
+        x = random_resized_crop(x_u8, self.size, self.scale, generator=generator)  # uint8
+        x = hflip(x, 0.5, generator)  # [B, 1, S, S]
+        if self.rotation:
+            x = random_rotate(x, self.rotation, fill_level(self.mean), generator)
+        if self.randaug is not None:
+            x = self.randaug(x, generator)  # [B, 1, S, S] uint8
+        return to_float(x, self.mean, self.std, self.channels)  # [B, channels, S, S]
+
+    def plain(self, x_u8: Tensor) -> Tensor:
+        """The evaluation view: the central `eval_crop` of the image (all of it by default)
+        resized, normalised the same way."""
+        view = center_resize(x_u8, self.size, self.eval_crop)  # [B, 1, S, S] uint8
+        return to_float(view, self.mean, self.std, self.channels)

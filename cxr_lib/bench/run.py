@@ -55,13 +55,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-from cxr_lib.augment.crops import MaeAugment
+from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, FinetuneAugment, MaeAugment
 from cxr_lib.augment.randaugment import RandAugment, fill_level
 from cxr_lib.augment.views import MocoAugment
 from cxr_lib.bench.options import TASK_NAMES, BenchSettings, settings_from_args
 from cxr_lib.bench.tables import PIPELINES, format_report
 from cxr_lib.data.cache import Cache, prepare_cache
 from cxr_lib.data.core import FINDINGS, DataError, XrayDataset, read_image_row
+from cxr_lib.data.files import replacing
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.data.phantoms import DRAWN, render_phantom
 from cxr_lib.device import resolve_device
@@ -69,10 +70,9 @@ from cxr_lib.engine.config import TrainConfig
 from cxr_lib.engine.fastpath import cnn_fast_path, compile_or_eager, cudnn_benchmark
 from cxr_lib.engine.fit import fit
 from cxr_lib.engine.metrics import masked_bce_loss, model_loss
-from cxr_lib.engine.runs import atomic_write_text, replacing
+from cxr_lib.engine.runs import atomic_write_text
 from cxr_lib.engine.schedule import make_optimizer
 from cxr_lib.methods.finetune import (
-    FinetuneAugment,
     FinetuneRecipe,
     layer_decay_groups,
     paper_config,
@@ -333,12 +333,12 @@ class MaeTask(BenchTask):
                            betas=(0.9, 0.95), seed=s.seed)
 
     def reference_transform(self, s: BenchSettings) -> Callable:
-        crop = v2.RandomResizedCrop(s.image_size, scale=(0.5, 1.0),
+        crop = v2.RandomResizedCrop(s.image_size, scale=PAPER_MAE_CROP_SCALE,
                                     interpolation=v2.InterpolationMode.BICUBIC)
         return v2.Compose([crop, v2.RandomHorizontalFlip(), *_pil_to_tensor()])
 
     def engine_transform(self, s: BenchSettings) -> Callable:
-        return MaeAugment(s.image_size, scale=(0.5, 1.0), mean=MEAN, std=STD)
+        return MaeAugment(s.image_size, scale=PAPER_MAE_CROP_SCALE, mean=MEAN, std=STD)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from PIL import Image
 from tqdm import tqdm  # text bars: they render in the static book without widget JavaScript
 
 from cxr_lib.data.core import DataError, XrayDataset, check_patient_disjoint, check_whole
+from cxr_lib.data.files import remove_stale_temps, replacing
 
 try:
     import fcntl  # POSIX; on Windows preparation goes unlocked
@@ -340,7 +341,8 @@ def _start_or_resume(partial: Path, plan: pd.DataFrame, size: int, chunk: int) -
     else:  # never initialised (or killed while planning): holds nothing finished
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        _write_atomic(partial / "plan.parquet", lambda p: plan.to_parquet(p, index=False))
+        with replacing(partial / "plan.parquet", "wb") as f:
+            plan.to_parquet(f, index=False)
         _write_json(partial / "plan.json", {"format": FORMAT, "size": size, "chunk": chunk})
     if not (partial / "done").is_dir():  # `done/` exists only once both arrays are allocated
         n = len(plan)
@@ -433,7 +435,8 @@ def _write_index_and_meta(partial: Path, dataset: XrayDataset, plan: pd.DataFram
     index = plan.copy()
     index.insert(len(KEY_COLUMNS), "orig_height", orig_hw[:, 0])
     index.insert(len(KEY_COLUMNS) + 1, "orig_width", orig_hw[:, 1])
-    _write_atomic(partial / "index.parquet", lambda p: index.to_parquet(p, index=False))
+    with replacing(partial / "index.parquet", "wb") as f:
+        index.to_parquet(f, index=False)
     digest = content_digest(_map_images(partial / "images.npy", "r"), index,
                             list(dataset.findings))
     _write_json(partial / "meta.json", {
@@ -453,6 +456,7 @@ def _finish(partial: Path, out: Path) -> None:
     """Drop the bookkeeping of a complete partial folder and rename it into place."""
     for name in ("plan.parquet", "plan.json", "orig_hw.npy"):
         (partial / name).unlink(missing_ok=True)
+    remove_stale_temps(partial)  # a killed writer's, which the finished cache must not carry
     shutil.rmtree(partial / "done", ignore_errors=True)
     if out.is_dir():
         out.rmdir()  # an empty folder made by the user
@@ -530,13 +534,8 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1)))
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with replacing(path, "w") as f:
+        f.write(json.dumps(obj, indent=1))
 
 
 def _default_workers() -> int:

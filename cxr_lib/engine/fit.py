@@ -89,10 +89,10 @@ from cxr_lib.engine.metrics import EpochMetric
 from cxr_lib.engine.resume import (
     _EpochBatches,
     _load,
-    _read_checkpoint,
     _replay,
     _Resume,
     _RunState,
+    load_run_weights,
 )
 from cxr_lib.engine.schedule import _optimizer, _param_groups, _Schedule
 
@@ -134,14 +134,6 @@ def _check_even(dl: Any, name: str) -> None:
         raise ValueError(f"{name} gives the ranks different numbers of batches ({counts}): "
                          "under DDP every rank must train on as many as the others (use "
                          "drop_last=True, or a size that divides into whole global batches)")
-
-
-def _load_weights(model: torch.nn.Module, path: Path, config: TrainConfig) -> None:
-    """The run's best weights (with `keep_best`, when an epoch had a finite value) or final."""
-    best = path / runs.BEST
-    file = best if config.keep_best and best.exists() else path / runs.CHECKPOINT
-    state = _read_checkpoint(file, mmap=True)
-    unwrap_model(model).load_state_dict(state["model"])
 
 
 def _metrics(s: _RunState, config: TrainConfig, path: Path, world: int,
@@ -203,7 +195,7 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
             runs.clear_run(path)
         barrier()
     elif runs.is_finished(path):
-        _load_weights(model, path, config)
+        load_run_weights(model, path, keep_best=bool(config.keep_best))
         metrics = _warn_if_diverged(runs.read_metrics(path), path)
         return RunResult(path, runs.read_history(path), metrics, loaded_from_cache=True)
     if rank == 0:
@@ -254,6 +246,6 @@ def fit(model: torch.nn.Module, train_dl: Iterable, valid_dl: Iterable | None = 
         runs.write_metrics(metrics, path)
     barrier()
     if config.keep_best:
-        _load_weights(model, path, config)
+        load_run_weights(model, path)
     return RunResult(path, pd.DataFrame(s.history), metrics, loaded_from_cache=False,
                      resumed_from_step=ckpt["state"]["step"] if ckpt else None)

@@ -17,6 +17,7 @@ from fastai.callback.core import (
     CancelEpochException,
 )
 from fastcore.basics import GetAttr
+from timm.utils import unwrap_model
 
 from cxr_lib.engine import runs
 from cxr_lib.engine.order import ORDER
@@ -148,6 +149,19 @@ def _read_checkpoint(file: Path, **kwargs) -> dict:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f"{file}: unreadable checkpoint ({first_line}); delete the run folder "
                          f"{file.parent} to train it again") from None
+
+
+def load_run_weights(model: torch.nn.Module, path: str | Path, *, keep_best: bool = True
+                     ) -> torch.nn.Module:
+    """Load a finished run's kept weights into `model` (its DDP or compile wrapper unwrapped)
+    and return it: `best.pt` where the run kept its best epoch (`keep_best`, and an epoch had
+    a finite value), else the final `last.pt`. The one loader of a run's weights: the engine
+    uses it for a finished run, fine-tuning's `load_finetuned` for a classifier."""
+    path = Path(path)
+    best = path / runs.BEST
+    file = best if keep_best and best.exists() else path / runs.CHECKPOINT
+    unwrap_model(model).load_state_dict(_read_checkpoint(file, mmap=True)["model"])
+    return model
 
 
 def _load(path: Path) -> dict | None:

@@ -7,8 +7,9 @@ when the loss ended far above where it began) and optionally `best.pt`. The fold
 from the config alone, so asking for the same experiment again finds the finished run instead
 of training it again, and an interrupted one resumes.
 
-Files are replaced, never rewritten in place: a temp file in the same folder, fsync, then
-`os.replace`, so a crash (even SIGKILL) leaves either the old file or the new one.
+Files are replaced, never rewritten in place, by the library's one atomic writer
+(`cxr_lib.data.files.replacing`): a crash (even SIGKILL) leaves either the old file or the new
+one.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ import enum
 import hashlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pandas as pd
 import torch
+
+from cxr_lib.data.files import remove_stale_temps, replacing
 
 CONFIG, CHECKPOINT, BEST, HISTORY, METRICS = (
     "config.json", "last.pt", "best.pt", "history.csv", "metrics.json")
@@ -110,28 +109,21 @@ def run_dir(root: str | Path, kind: str, config: Any, *, create: bool = True) ->
     return path
 
 
-@contextmanager
-def replacing(path: str | Path, mode: str) -> Iterator[IO]:
-    """Open a temp file beside `path`; on success fsync it and move it over `path`. On an
-    error the temp file is removed and `path` keeps what it held."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; results are meant to be shared
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)` that never leaves a half-written file at `path`."""
     with replacing(path, "wb") as f:
         torch.save(obj, f)
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], **meta: Any) -> Path:
+    """Write pre-trained weights for fine-tuning: `{"model": state, **meta}` (meta in the
+    order given), atomically, making the folder; returns `path`. The one layout of the MAE
+    encoder and MoCo backbone files: `models.classifier.read_state_dict` takes the tensors under
+    "model", and the rest (recipe, normalisation, run) is read by `torch.load`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": state, **meta}, path)
+    return path
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -160,12 +152,6 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
-
-
-def remove_stale_temps(path: str | Path) -> None:
-    """Delete temp files a killed writer left in run folder `path`."""
-    for tmp in Path(path).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def clear_run(path: str | Path) -> None:

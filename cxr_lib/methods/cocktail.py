@@ -30,15 +30,13 @@ import pandas as pd
 from cxr_lib.analysis.stats import mean_auc, paired_comparison
 from cxr_lib.augment.crops import pixel_stats, spread_rows
 from cxr_lib.data.cache import Cache
-from cxr_lib.data.chexpert import read_chexpert
 from cxr_lib.data.core import XrayDataset
-from cxr_lib.data.covid import read_covid_radiography
-from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
-from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.data.sources import read_source
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.finetune import TEST_SCORES, FinetuneRecipe
-from cxr_lib.models.classifier import HIERAS, imagenet_weights, timm_name
+from cxr_lib.models.classifier import imagenet_weights
+from cxr_lib.models.families import family
 
 LOWRES = "phantom-lowres"
 
@@ -56,16 +54,16 @@ def cocktail_sources(chest: XrayDataset, *, pediatric_root: str | Path | None = 
     """
     sources = [chest]
     if pediatric_root:
-        sources.append(read_class_folders(pediatric_root, seed=seed, name="pediatric"))
+        sources.append(read_source("folder", pediatric_root, seed=seed, name="pediatric"))
     if chexpert_root:
-        sources.append(read_chexpert(chexpert_root, seed=seed))
+        sources.append(read_source("chexpert", chexpert_root, seed=seed))
     if covid_root:
-        sources.append(read_covid_radiography(covid_root, seed=seed))
+        sources.append(read_source("covid19_radiography", covid_root, seed=seed))
     if PHANTOM in chest.meta["source"].to_numpy():
-        sources.append(phantom_dataset(n_phantoms, size=max(16, phantom_size // 4),
-                                       seed=seed + 1, name=LOWRES))
+        sources.append(read_source("phantom", n=n_phantoms, size=max(16, phantom_size // 4),
+                                   seed=seed + 1, name=LOWRES))
     else:
-        sources.append(phantom_dataset(n_phantoms, size=phantom_size, seed=seed))
+        sources.append(read_source("phantom", n=n_phantoms, size=phantom_size, seed=seed))
     return sources
 
 
@@ -164,7 +162,7 @@ def medtransformer_start(model: str) -> Path:
     Hiera its ImageNet MAE pre-training alone (facebookresearch/hiera's `mae_in1k`, timm's tag
     `mae`), decoder side included where the file has it, not the classifier timm fine-tuned
     from it on ImageNet's labels; for a ViT, timm's default ImageNet weights."""
-    return imagenet_weights(model, tag="mae" if timm_name(model) in HIERAS else None)
+    return imagenet_weights(model, tag="mae" if family(model) == "hiera" else None)
 
 
 def medtransformer_finetune_recipe(**changes) -> FinetuneRecipe:

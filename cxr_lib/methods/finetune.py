@@ -38,17 +38,9 @@ from fastai.callback.core import Callback
 from fastai.torch_core import default_device
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
-from torch import Tensor, nn
+from torch import nn
 
-from cxr_lib.augment.crops import (
-    center_resize,
-    check_crop_scale,
-    hflip,
-    random_resized_crop,
-    random_rotate,
-    split_stats,
-    to_float,
-)
+from cxr_lib.augment.crops import FinetuneAugment, split_stats
 from cxr_lib.augment.randaugment import RandAugment, fill_level
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
@@ -59,6 +51,7 @@ from cxr_lib.engine.fit import fit
 from cxr_lib.engine.inference import eval_mode
 from cxr_lib.engine.metrics import ValidAUC, masked_bce_loss, mean_auc
 from cxr_lib.engine.order import ORDER
+from cxr_lib.engine.resume import load_run_weights
 from cxr_lib.methods.mae import cache_identity
 from cxr_lib.models.classifier import (
     build_classifier,
@@ -146,40 +139,6 @@ def paper_config(**changes) -> TrainConfig:
                        weight_decay=0.05, betas=(0.9, 0.999), min_lr=1e-5,
                        keep_best="valid_auc")
     return dataclasses.replace(base, **changes)
-
-
-@dataclass(frozen=True)
-class FinetuneAugment:
-    """Training views: random-resized crop, flip, rotation, RandAugment on uint8 (batched),
-    normalise."""
-
-    size: int
-    scale: tuple[float, float]
-    mean: float
-    std: float
-    randaug: RandAugment | None = None
-    rotation: float = 0.0
-    channels: int = 1
-    eval_crop: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_crop_scale(self.scale)
-
-    def __call__(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """uint8 [B, 1, H, W] -> float [B, channels, size, size], freshly augmented."""
-        x = random_resized_crop(x_u8, self.size, self.scale, generator=generator)  # uint8
-        x = hflip(x, 0.5, generator)  # [B, 1, S, S]
-        if self.rotation:
-            x = random_rotate(x, self.rotation, fill_level(self.mean), generator)
-        if self.randaug is not None:
-            x = self.randaug(x, generator)  # [B, 1, S, S] uint8
-        return to_float(x, self.mean, self.std, self.channels)  # [B, channels, S, S]
-
-    def plain(self, x_u8: Tensor) -> Tensor:
-        """The evaluation view: the central `eval_crop` of the image (all of it by default)
-        resized, normalised the same way."""
-        view = center_resize(x_u8, self.size, self.eval_crop)  # [B, 1, S, S] uint8
-        return to_float(view, self.mean, self.std, self.channels)
 
 
 def finetune_augment(cache: Cache, recipe: FinetuneRecipe,
@@ -404,9 +363,7 @@ def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, Finetu
     model, _ = build_classifier(recipe.model, num_classes=len(cache.findings),
                                 in_chans=recipe.in_chans, img_size=recipe.img_size,
                                 patch_size=recipe.patch_size, drop_path=recipe.drop_path)
-    weights = run_dir / runs.BEST if (run_dir / runs.BEST).exists() else run_dir / runs.CHECKPOINT
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
-    return model.eval(), finetune_augment(cache, recipe)
+    return load_run_weights(model, run_dir).eval(), finetune_augment(cache, recipe)
 
 
 def split_scores(run_dir: str | Path, cache: Cache, split: str = "val", batch_size: int = 128

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from fastai.torch_core import default_device
 
-from cxr_lib.augment.crops import MaeAugment, split_stats
+from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, MaeAugment, split_stats
 from cxr_lib.chapters.sentences import span
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
@@ -28,8 +28,10 @@ from cxr_lib.engine.inference import eval_mode
 from cxr_lib.engine.metrics import model_loss
 from cxr_lib.methods.probe import ProbeResult, extract_features, linear_probe, mae_features
 from cxr_lib.models.classifier import load_start, read_state_dict
-from cxr_lib.models.hiera_mae import HIERA_PRESETS, HieraMae, build_hiera_mae
+from cxr_lib.models.families import mae_family
+from cxr_lib.models.hiera_mae import HieraMae, build_hiera_mae
 from cxr_lib.models.mae import (
+    PAPER_MASK_RATIO,
     MaskedAutoencoder,
     build_mae,
     encoder_state_dict,
@@ -54,8 +56,8 @@ class MaeRecipe:
     model: str = "vit_small_patch16"
     img_size: int = 224
     patch_size: int | None = None  # None: the model's own (16)
-    mask_ratio: float = 0.9
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    mask_ratio: float = PAPER_MASK_RATIO
+    crop_scale: tuple[float, float] = PAPER_MAE_CROP_SCALE
     norm_pix_loss: bool = False
     # None: the preset's decoder (512 wide; 2 blocks for ViT-T/S, 8 for ViT-B). A narrower one
     # keeps small CPU runs affordable: the decoder sees every patch, the encoder only 10%.
@@ -77,7 +79,7 @@ class MaeRecipe:
 
     def build(self) -> MaskedAutoencoder | HieraMae:
         """A ViT MAE for the ViT presets, a Hiera MAE for `hiera_*` (patch size None or 4)."""
-        build = build_hiera_mae if self.model in HIERA_PRESETS else build_mae
+        build = build_hiera_mae if mae_family(self.model) == "hiera" else build_mae
         return build(self.model, img_size=self.img_size, patch_size=self.patch_size,
                      in_chans=self.in_chans, mask_ratio=self.mask_ratio,
                      norm_pix_loss=self.norm_pix_loss, decoder_dim=self.decoder_dim,
@@ -169,14 +171,11 @@ def probe_encoder(mae: MaskedAutoencoder, cache: Cache, augment: MaeAugment, *,
 
 def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
     """Write the encoder (timm ViT keys) with its recipe, for fine-tuning (chapter 4)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runs.atomic_save({"model": encoder_state_dict(pretrained.mae),
-                      "recipe": runs.without_defaults(dataclasses.asdict(pretrained.recipe),
-                                                      _LATER_FIELDS),
-                      "normalise": [pretrained.augment.mean, pretrained.augment.std],
-                      "run": pretrained.run.path.name}, path)
-    return path
+    return runs.save_weights(path, encoder_state_dict(pretrained.mae),
+                             recipe=runs.without_defaults(dataclasses.asdict(pretrained.recipe),
+                                                          _LATER_FIELDS),
+                             normalise=[pretrained.augment.mean, pretrained.augment.std],
+                             run=pretrained.run.path.name)
 
 
 @dataclass(frozen=True)

@@ -277,14 +277,11 @@ def save_backbone(pretrained: PretrainedMoco, path: str | Path) -> Path:
     """Write the query backbone (timm keys, no projection head) with its recipe, for
     fine-tuning (chapter 4): it loads into `timm.create_model(recipe.model, num_classes=n,
     in_chans=recipe.in_chans)` with only the classifier missing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in pretrained.moco.encoder_q.state_dict().items()}
-    runs.atomic_save({"model": state, "backbone": pretrained.recipe.model,
-                      "recipe": pretrained.recipe.identity(),
-                      "normalise": [pretrained.augment.mean, pretrained.augment.std],
-                      "run": pretrained.run.path.name}, path)
-    return path
+    return runs.save_weights(path, state, backbone=pretrained.recipe.model,
+                             recipe=pretrained.recipe.identity(),
+                             normalise=[pretrained.augment.mean, pretrained.augment.std],
+                             run=pretrained.run.path.name)
 
 
 # ----------------------------------------------------------------------------- embeddings

@@ -52,9 +52,9 @@ from timm.models.hiera import Hiera, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cxr_lib.models.hiera_mae import HIERA_PRESETS, PATCH_STRIDE, HieraMae, hiera_kwargs
+from cxr_lib.models.families import CNNS, family, timm_name
+from cxr_lib.models.hiera_mae import PATCH_STRIDE, HieraMae, hiera_kwargs
 from cxr_lib.models.mae import (
-    PRESETS,
     LoadReport,
     adapt_input_channels,
     is_decoder_key,
@@ -62,9 +62,6 @@ from cxr_lib.models.mae import (
 )
 
 INITS = ("random", "imagenet", "mae", "moco", "torchvision", "finetuned")
-CNNS = ("densenet121", "resnet50")
-VITS = tuple(preset.timm_name for preset in PRESETS.values())
-HIERAS = tuple(HIERA_PRESETS.values())
 NEEDS_FILE = ("mae", "moco", "torchvision", "finetuned")
 
 
@@ -72,23 +69,14 @@ class WeightsUnavailable(RuntimeError):
     """The starting weights an arm needs are not on this machine; the arm is skipped."""
 
 
-def timm_name(model: str) -> str:
-    """timm's name for `model`: an MAE preset (vit_small_patch16, hiera_tiny) or a timm name."""
-    name = PRESETS[model].timm_name if model in PRESETS else HIERA_PRESETS.get(model, model)
-    if name not in VITS + HIERAS + CNNS:
-        raise ValueError(f"unknown classifier {model!r}; expected one of "
-                         f"{sorted(PRESETS) + sorted(HIERA_PRESETS) + list(VITS + HIERAS + CNNS)}")
-    return name
-
-
 def is_vit(model: str) -> bool:
-    return timm_name(model) in VITS
+    return family(model) == "vit"
 
 
 def supports_layer_decay(model: str) -> bool:
     """Whether timm's `param_groups_layer_decay` can give `model` one LR per block: ViTs and
     Hiera (a block-wise `group_matcher`); the CNNs are left at one rate."""
-    return timm_name(model) in VITS + HIERAS
+    return family(model) in ("vit", "hiera")
 
 
 def build_classifier(model: str, *, num_classes: int = 14, in_chans: int = 1,
@@ -131,12 +119,12 @@ def _check_start(name: str, init: str, weights: str | Path | None, drop_path: fl
         raise ValueError(f"init={init!r} needs weights=<file> (the saved encoder or checkpoint)")
     if init == "random" and weights is not None:
         raise ValueError(f"init='random' takes no weights, got {weights}")
-    if init == "mae" and name not in VITS + HIERAS:
+    if init == "mae" and family(name) == "cnn":
         raise ValueError(f"init='mae' loads a ViT or Hiera encoder; {name} is not a ViT or Hiera")
-    if name in HIERAS and patch_size not in (None, PATCH_STRIDE):
+    if family(name) == "hiera" and patch_size not in (None, PATCH_STRIDE):
         raise ValueError(f"{name} embeds {PATCH_STRIDE}-pixel patches; patch_size must be None "
                          f"or {PATCH_STRIDE}, got {patch_size}")
-    if init == "torchvision" and name not in CNNS:
+    if init == "torchvision" and family(name) != "cnn":
         raise ValueError(f"init='torchvision' loads {CNNS}; {name} is not one of them")
     if drop_path and name == "densenet121":
         raise ValueError("densenet121 has no stochastic depth in timm; set drop_path to 0")
@@ -145,10 +133,10 @@ def _check_start(name: str, init: str, weights: str | Path | None, drop_path: fl
 def _create(name: str, num_classes: int, in_chans: int, img_size: int, patch_size: int | None,
             drop_path: float) -> nn.Module:
     kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
-    if name in VITS:
+    if family(name) == "vit":
         kwargs.update(img_size=img_size, patch_size=patch_size or 16, global_pool="avg",
                       drop_path_rate=drop_path)
-    elif name in HIERAS:
+    elif family(name) == "hiera":
         kwargs.update(hiera_kwargs(img_size), drop_path_rate=drop_path)
     elif drop_path:
         kwargs["drop_path_rate"] = drop_path

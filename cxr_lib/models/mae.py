@@ -21,6 +21,10 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+# The X-ray MAE's share of masked patches (Xiao et al.; the natural-image MAE masks 0.75): the
+# library's one statement of it, which MaeConfig, MaeRecipe and `cxr pretrain mae` default to
+PAPER_MASK_RATIO = 0.9
+
 
 def visible_count(tokens: int, mask_ratio: float) -> int:
     """How many of `tokens` patches the encoder sees: int(L x (1 - mask_ratio)), as MAE's
@@ -54,7 +58,7 @@ class MaeConfig:
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 1
-    mask_ratio: float = 0.9
+    mask_ratio: float = PAPER_MASK_RATIO
     decoder_dim: int = 512
     decoder_depth: int = 2
     decoder_heads: int = 16
@@ -281,7 +285,8 @@ class MaskedAutoencoder(nn.Module):
 
 
 def build_mae(model: str = "vit_small_patch16", *, img_size: int = 224,
-              patch_size: int | None = None, in_chans: int = 1, mask_ratio: float = 0.9,
+              patch_size: int | None = None, in_chans: int = 1,
+              mask_ratio: float = PAPER_MASK_RATIO,
               decoder_dim: int | None = None, decoder_depth: int | None = None,
               decoder_heads: int | None = None, norm_pix_loss: bool = False
               ) -> MaskedAutoencoder:
