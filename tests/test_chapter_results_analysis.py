@@ -42,6 +42,7 @@ def run(model="vit_small_patch16", init="mae", **changes) -> pd.Series:
 
 def test_a_model_family_and_a_runs_names():
     assert model_family("vit_small_patch16") == "ViT" and model_family("densenet121") == "DenseNet"
+    assert model_family("resnet50") == "ResNet"  # chapter 4 names the CNN by its family too
     assert arm_name(run()) == "ViT from MAE"
     assert arm_name(run("densenet121", "moco")) == "DenseNet from MoCo v2"
     assert run_label(run()) == "ViT from MAE, drop path 0.1, no RandAugment"

@@ -24,9 +24,11 @@ from sklearn.metrics import roc_curve
 from cxr_lib.analysis.localize import attention_map, grad_cam, peak_ratio, score_image_maps
 from cxr_lib.analysis.stats import bootstrap_auc, holm_adjust, paired_comparison
 from cxr_lib.chapters.files import chapter4_tables, runs_dir, test_scores
+from cxr_lib.chapters.finetuning_ablations import cnn_family
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.nih import read_bboxes, shipped_bbox_file
 from cxr_lib.methods.finetune import load_finetuned
+from cxr_lib.models.families import family
 
 # ----------------------------------------------------------------------------- the runs
 
@@ -48,8 +50,9 @@ FLAT_MAP = 1.5  # a map whose peak is less than this times its mean shows no foc
 
 
 def model_family(model: str) -> str:
-    """How the chapter names a model's family: "ViT" for timm's `vit_*`, else "DenseNet"."""
-    return "ViT" if str(model).startswith("vit") else "DenseNet"
+    """How the chapter names a model's family: "ViT", else the CNN's family as chapter 4 names
+    it ("DenseNet" for densenet121)."""
+    return "ViT" if family(model) == "vit" else cnn_family(model)
 
 
 def arm_name(row: pd.Series) -> str:
