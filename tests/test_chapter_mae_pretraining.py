@@ -8,6 +8,7 @@ import pytest
 
 from cxr_lib.chapters import mae_pretraining as ch
 from cxr_lib.methods.mae import HeldoutErrors
+from cxr_lib.methods.probe import ProbeResult
 
 NAN = math.nan
 
@@ -128,3 +129,14 @@ def test_model_words_count_parameters_and_visible_patches():
         "encoder_params": "5.4 million", "visible_tokens": "6 of 64", "paper_mask": "90%",
         "paper_recipe": "90% of the patches masked, crops of 0.5-1.0 of the image"}
 
+
+def test_tables_of_errors_and_of_the_probe():
+    two = HeldoutErrors(np.array([0.5, 0.52468]), *(np.array([v, v]) for v in (0.6, 1.0, 0.8)),
+                        0.4)
+    table = ch.errors_table({0.9: two, 0.25: errs(NAN, NAN, NAN, NAN, NAN)})
+    assert table.index.tolist() == ["90%", "25%"]
+    assert table.loc["90%"].tolist() == [0.512, 0.6, 1.0, 0.8, 0.4]  # means over the images
+    assert table.loc["25%"].isna().all()
+    probe = ProbeResult(0.5, {"Edema": 0.61234, "Mass": NAN}, 10, 5)
+    assert ch.probe_table(probe)["probe AUC"].tolist()[0] == 0.612
+    assert ch.errors_table({}).empty

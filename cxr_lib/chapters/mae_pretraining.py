@@ -244,9 +244,14 @@ def painting_errors(arms: MaeArms, mask_ratios: Sequence[float], crop_scale: Seq
             for r in mask_ratios}
 
 
+ERRORS = ("model", "model_flat", "mean_fill", "visible_fill")  # HeldoutErrors' per-image errors
+
+
 def errors_table(errors: Mapping[float, HeldoutErrors]) -> pd.DataFrame:
-    """The mean errors (and contrast) per mask ratio, to three decimals."""
-    return pd.DataFrame([dataclasses.astuple(e) for e in errors.values()],
+    """The errors over all the images (`HeldoutErrors.mean`) and the contrast per mask ratio,
+    to three decimals."""
+    return pd.DataFrame([[*(e.mean(name) for name in ERRORS), e.contrast]
+                         for e in errors.values()],
                         index=pd.Index([f"{r:.0%}" for r in errors], name="mask ratio"),
                         columns=["model", "model, flattened", "training mean", "visible mean",
                                  "contrast"]).round(3)
