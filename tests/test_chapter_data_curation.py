@@ -175,3 +175,12 @@ def test_split_meta_of_a_root_follows_the_official_lists(tmp_path, seed):
     split = ch.split_meta(tmp_path, meta, seed=seed, n_phantoms=0, phantom_size=32)
     assert split["split"].iloc[4] == "test" and set(split["split"][:4]) == {"train", "val"}
     assert "split" not in meta  # the label table itself is left as it was
+
+
+def test_images_words_count_the_present_images_of_a_root():
+    meta = pd.DataFrame()
+    meta.attrs["chestxray14"] = {"present": 621, "listed": 112_120}
+    dataset = type("Dataset", (), {"meta": meta})()
+    assert ch.images_words(dataset, True) == {
+        "images_origin": "real ChestX-ray14 images from the data root (621 of the 112,120 "
+                         "listed images are present)"}

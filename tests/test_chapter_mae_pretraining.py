@@ -140,3 +140,21 @@ def test_tables_of_errors_and_of_the_probe():
     probe = ProbeResult(0.5, {"Edema": 0.61234, "Mass": NAN}, 10, 5)
     assert ch.probe_table(probe)["probe AUC"].tolist()[0] == 0.612
     assert ch.errors_table({}).empty
+
+
+class Splits:
+    """A stand-in cache: only its split rows."""
+
+    def __init__(self, train: int, val: int):
+        self.rows = {"train": np.arange(train), "val": np.arange(val)}
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return self.rows[split]
+
+
+def test_data_words_say_what_the_chapter_trains_on():
+    assert ch.data_words(Splits(12_345, 8), True) == {
+        "images_origin": "real ChestX-ray14 images", "n_train": "12,345", "n_val": "8"}
+    assert ch.data_words(Splits(0, 0), False) == {
+        "images_origin": "synthetic phantoms (no data root was given), not real X-rays",
+        "n_train": "0", "n_val": "0"}
