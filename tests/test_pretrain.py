@@ -17,14 +17,12 @@ from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.engine import runs
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.mae import (
-    HeldoutErrors,
     MaeRecipe,
     PretrainedMae,
     cache_identity,
     heldout_errors,
     heldout_loss,
     mae_augment,
-    painting_sentence,
     pretrain_mae,
     probe_encoder,
     save_encoder,
@@ -174,41 +172,6 @@ def test_heldout_errors_set_the_model_against_two_fills_on_the_same_masks(cache)
     flat = np.mean((target - target.mean(axis=-1, keepdims=True))[hidden] ** 2)
     assert truth.mean("model_flat") == pytest.approx(flat, rel=1e-5) and flat > 0
     assert truth.contrast == pytest.approx(1.0)
-
-
-def errs(model: float, model_flat: float, mean_fill: float, visible_fill: float,
-         contrast: float) -> HeldoutErrors:
-    """HeldoutErrors of one image: the sentence reads only the means."""
-    return HeldoutErrors(*(np.array([v]) for v in (model, model_flat, mean_fill, visible_fill)),
-                         contrast)
-
-
-def test_painting_sentence_applies_its_margin_and_the_flattening_test():
-    noisy = {0.25: errs(0.60, 0.57, 1.00, 0.91, 0.5),
-             0.9: errs(0.85, 0.80, 1.0, 0.93, 0.3)}
-    text = painting_sentence(noisy)
-    assert "error on the hidden patches is 0.60 to 0.85, against 0.91 to 0.93 for the" in text
-    # 0.85 is not 10% below 0.93 (0.837); 0.60 is below 0.819
-    assert "At mask ratio 25% the model's error is more than 10% below the better fill" in text
-    assert "lowers the error at every mask ratio (to 0.57 to 0.80)" in text
-    assert "25% the model's error is more than 10% below the better fill: there the" in text
-    assert "they paint it at 50% of its true contrast" in text
-    everywhere = painting_sentence(noisy, margin=0.05)
-    assert "At every mask ratio the model's error is more than 5% below the better fill: the " \
-        "models have learnt" in everywhere
-    assert "at 30% to 50% of its true contrast" in everywhere
-    no_contrast = {0.9: errs(0.5, 0.6, 1.0, 1.0, math.nan)}  # norm_pix_loss targets
-    assert "where brightness goes in these images. Flattening" in painting_sentence(no_contrast)
-    flat = painting_sentence({0.75: errs(0.95, 0.97, 1.0, 0.99, 0.1)})
-    assert "At no mask ratio is the model's error more than 10% below the better fill:" in flat
-    worse = painting_sentence({0.5: errs(1.2, 0.9, 1.0, 0.95, 0.1),
-                               0.9: errs(0.9, 0.9, 1.0, 0.95, 0.1)})
-    assert "better fill (at 1 of the 2 it is at or above it): the pictures show no" in worse
-    worst = painting_sentence({0.5: errs(1.2, 0.9, 1.0, 0.95, 0.1)})
-    assert "better fill (at every one it is at or above it): the pictures" in worst
-    assert "would raise the error at every ratio" in flat
-    with pytest.raises(ValueError, match="no errors"):
-        painting_sentence({})
 
 
 def test_pretraining_can_continue_from_a_weights_file(cache, tmp_path):

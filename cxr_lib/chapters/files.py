@@ -1,5 +1,6 @@
 """The files one chapter leaves for the next, in the profile's work folder.
 
+Chapter 1 makes the preprocessing cache under `cache/`, which every chapter reads.
 Chapter 2 saves the MAE encoder and chapter 3 the MoCo backbone under `encoders/`; chapter 4
 fine-tunes from them and writes its tables of runs as `runs/ch4_<name>.parquet`; chapter 5 reads
 those tables and each run's test scores; chapter 6 saves its cocktail encoders beside them.
@@ -15,6 +16,12 @@ from cxr_lib.methods.finetune import TEST_SCORES
 
 SAVED_BY = {"mae": 2, "moco": 3, "cocktail": 6}  # pre-training method -> chapter that saves it
 CHAPTER4_TABLES = "ch4_"  # prefix of chapter 4's tables of runs
+
+
+def cache_dir(work: str | Path, dataset: str, size: int) -> Path:
+    """`work/cache/<dataset>-<size>`: the preprocessing cache of a data set (its name, e.g.
+    "chestxray14" or "phantoms") at `size` px, made by chapter 1 and read by every chapter."""
+    return Path(work) / "cache" / f"{dataset}-{size}"
 
 
 def runs_dir(work: str | Path) -> Path:

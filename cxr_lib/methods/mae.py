@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import torch
 from fastai.torch_core import default_device
 
 from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE, MaeAugment, split_stats
-from cxr_lib.chapters.sentences import span
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
 from cxr_lib.engine import runs
@@ -247,54 +245,3 @@ def heldout_loss(pretrained: PretrainedMae, cache: Cache, rows: np.ndarray, *, s
     """The model's mean reconstruction loss on cache `rows` (`heldout_errors`' `model`)."""
     return heldout_errors(pretrained, cache, rows, seed=seed, batch_size=batch_size).mean("model")
 
-
-def painting_sentence(errors: Mapping[float, HeldoutErrors], margin: float = 0.1) -> str:
-    """What `heldout_errors` of one model per mask ratio say about the pictures: the ratios
-    where the model's error is more than `margin` (a share) below the better of the two
-    fills, and those where flattening its painted patches to their own mean lowers the error,
-    i.e. the detail it paints inside a patch is worse than none."""
-    if not errors:
-        raise ValueError("painting_sentence: no errors")
-    beat = [r for r, e in errors.items()
-            if e.mean("model") < (1 - margin) * _best_fill(e)]
-    flat = [r for r, e in errors.items() if e.mean("model_flat") < e.mean("model")]
-    text = (f"On these validation images the models' error on the hidden patches is "
-            f"{span([e.mean('model') for e in errors.values()])}, against "
-            f"{span([_best_fill(e) for e in errors.values()])} for the "
-            "better of the two fills.")
-    if beat:
-        where = "the models have" if len(beat) == len(errors) else "there the models have"
-        text += (f" At {_ratios(beat, len(errors))} the model's error is more than {margin:.0%} "
-                 f"below the better fill: {where} learnt something of where brightness goes in "
-                 "these images")
-        contrast = [errors[r].contrast for r in beat]
-        text += (f"; they paint it at {span(contrast, '.0%')} of its true contrast (the spread "
-                 "of the hidden patches' mean brightness)." if np.isfinite(contrast).all() else ".")
-    else:
-        above = sum(e.mean("model") >= _best_fill(e) for e in errors.values())
-        worse = ""
-        if above:
-            worse = (" (at every one it is at or above it)" if above == len(errors) else
-                     f" (at {above} of the {len(errors)} it is at or above it)")
-        text += (f" At no mask ratio is the model's error more than {margin:.0%} below the better "
-                 f"fill{worse}: the pictures show no structure the models have learnt.")
-    if flat:
-        flattened = span([errors[r].mean("model_flat") for r in flat])
-        text += (f" Flattening each painted patch to its own mean brightness lowers the error at "
-                 f"{_ratios(flat, len(errors))} (to {flattened}): the detail painted inside "
-                 "the patches, the speckle in the pictures, is worse than none.")
-    else:
-        text += (" Flattening each painted patch to its own mean brightness would raise the error "
-                 "at every ratio: the detail painted inside the patches is learnt too.")
-    return text
-
-
-def _ratios(ratios: list[float], of: int) -> str:
-    """Mask ratios as the prose names them: all `of` of them, or each as a percentage."""
-    if len(ratios) == of:
-        return "every mask ratio"
-    return f"mask ratio{'s' if len(ratios) > 1 else ''} " + ", ".join(f"{r:.0%}" for r in ratios)
-
-
-def _best_fill(errors: HeldoutErrors) -> float:
-    return min(errors.mean("mean_fill"), errors.mean("visible_fill"))
