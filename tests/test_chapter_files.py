@@ -50,7 +50,9 @@ def test_chapter_2_saves_its_encoder_under_encoders(tmp_path):
 
 
 def test_a_missing_encoder_names_the_chapter_that_saves_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="chapter 3 saves it"):
+    with pytest.raises(FileNotFoundError, match=r"mae_vit_small_patch16.pt is missing: chapter 2"):
+        encoder_file(tmp_path, "mae", "vit_small_patch16")
+    with pytest.raises(FileNotFoundError, match=r"moco_densenet121.pt is missing: chapter 3"):
         encoder_file(tmp_path, "moco", "densenet121")
     saved = encoder_path(tmp_path, "moco", "densenet121")
     saved.parent.mkdir()

@@ -12,7 +12,6 @@ import timm
 import torch
 from fastai.callback.core import Callback
 
-from cxr_lib.chapters.files import encoder_file
 from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.cli import main
 from cxr_lib.data.cache import prepare_cache
@@ -206,17 +205,6 @@ def test_recipes_that_cannot_train_as_asked_are_refused():
     assert (config.epochs, config.warmup_epochs, config.batch_size, config.base_lr) == (
         75, 5, 1024, 2.5e-4)
     assert FinetuneRecipe().layer_decay == 0.55 and FinetuneRecipe().drop_path == 0.2
-
-
-def test_a_missing_encoder_names_the_chapter_that_saves_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"mae_vit_small_patch16.pt is missing: chapter 2"):
-        encoder_file(tmp_path, "mae", "vit_small_patch16")
-    with pytest.raises(FileNotFoundError, match=r"moco_densenet121.pt is missing: chapter 3"):
-        encoder_file(tmp_path, "moco", "densenet121")
-    saved = tmp_path / "encoders" / "moco_densenet121.pt"
-    saved.parent.mkdir()
-    saved.write_bytes(b"x")
-    assert encoder_file(tmp_path, "moco", "densenet121") == saved
 
 
 def test_a_finished_run_loads_its_best_classifier_without_training(cache, tmp_path):
