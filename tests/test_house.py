@@ -110,3 +110,31 @@ def test_no_import_runs_back_up_the_pipeline():
         backwards += [f"{path.relative_to(ROOT)}:{line} imports {name}"
                       for line, name in _imports(path) if _stage(name) > _stage(module)]
     assert not backwards, "imports against the pipeline: " + "; ".join(backwards)
+
+
+NOTEBOOK_CODE_LINES = 671  # half of the 1,343 lines the notebooks held before chapters/ existed
+
+
+def _code_cells(path: Path) -> list[dict]:
+    return [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+            if c["cell_type"] == "code"]
+
+
+def test_the_notebooks_hold_little_code():
+    lines = {path.stem: sum(len("".join(c["source"]).splitlines()) for c in _code_cells(path))
+             for path in notebooks()}
+    assert sum(lines.values()) <= NOTEBOOK_CODE_LINES, f"lines of code by chapter: {lines}"
+
+
+def test_no_notebook_decides_in_its_own_code():
+    """A branch, loop or function of its own in a notebook is chapter logic that belongs in
+    cxr_lib/chapters/, where its words are unit-tested."""
+    deciding = (ast.If, ast.IfExp, ast.For, ast.While, ast.FunctionDef, ast.Lambda, ast.ClassDef)
+    found = []
+    for path in notebooks():
+        for number, cell in enumerate(_code_cells(path)):
+            for node in ast.walk(ast.parse("".join(cell["source"]))):
+                if isinstance(node, deciding) or (isinstance(node, ast.comprehension)
+                                                  and node.ifs):
+                    found.append(f"{path.stem} code cell {number}: {ast.unparse(node)[:60]}")
+    assert not found, "; ".join(found)
