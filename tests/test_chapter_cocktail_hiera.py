@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from heldout import errors, heldout
 
 from cxr_lib.chapters.cocktail_hiera import (
     OURS,
@@ -23,21 +24,6 @@ from cxr_lib.chapters.cocktail_hiera import (
     start_label,
 )
 from cxr_lib.methods.cocktail import NO_FINDING
-from cxr_lib.methods.mae import HeldoutErrors
-
-NOISE = np.random.default_rng(0).normal(0, 0.05, 100)  # [100] per-image spread
-BLANK = np.full(100, 0.98)  # [100] the zero prediction's loss, image by image
-
-
-def errors(model: np.ndarray) -> HeldoutErrors:
-    """The model's per-image losses beside the blank prediction's (the other fields unused)."""
-    return HeldoutErrors(model, model, BLANK, BLANK, float("nan"))
-
-
-def heldout(loss: float, jitter: float = 0.0) -> HeldoutErrors:
-    """Per-image losses around `loss`; `jitter` adds noise of its own to each image."""
-    own = np.random.default_rng(int(loss * 1e4)).normal(0, jitter, 100)
-    return errors(loss + NOISE + own - (NOISE + own).mean())
 
 
 def gap_at_least(aucs: dict, tie: float):

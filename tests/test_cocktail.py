@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from heldout import NOISE, heldout
 
 from cxr_lib.augment.crops import pixel_stats, random_rotate
 from cxr_lib.data.cache import Cache, prepare_cache
@@ -35,7 +36,6 @@ from cxr_lib.methods.cocktail import (
     with_no_finding,
 )
 from cxr_lib.methods.finetune import FinetuneRecipe, finetune_augment
-from cxr_lib.methods.mae import HeldoutErrors
 
 SIZE = 8
 # Source "dark" images are all 40, "bright" all 200 with a 20-px checker; sizes differ 4:1.
@@ -205,21 +205,6 @@ def test_a_pass_can_draw_a_set_number_of_images(cache):
 
 
 # ----------------------------------------------------------------------------- verdicts
-
-NOISE = np.random.default_rng(0).normal(0, 0.05, 100)  # [100] per-image spread
-BLANK = np.full(100, 0.98)  # [100] the zero prediction's loss, image by image
-
-
-def errors(model: np.ndarray) -> HeldoutErrors:
-    """The model's per-image losses beside the blank prediction's (the other fields unused)."""
-    return HeldoutErrors(model, model, BLANK, BLANK, float("nan"))
-
-
-def heldout(loss: float, jitter: float = 0.0) -> HeldoutErrors:
-    """Per-image losses around `loss`; `jitter` adds noise of its own to each image."""
-    own = np.random.default_rng(int(loss * 1e4)).normal(0, jitter, 100)
-    return errors(loss + NOISE + own - (NOISE + own).mean())
-
 
 def test_paired_gap_is_the_mean_difference_and_its_standard_error():
     a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.5, 2.0, 3.5, 5.0])
