@@ -90,7 +90,7 @@ def _mae_recipe_and_config(args: argparse.Namespace):
     # The recipe's options default to MaeRecipe's (the paper's; None: the preset's patch and
     # decoder), the optimiser's must be set by the profile or the options
     recipe = MaeRecipe(model=value("model", default=base.model),
-                       img_size=value("image_size", default=base.img_size),
+                       image_size=value("image_size", default=base.image_size),
                        patch_size=value("patch_size", default=base.patch_size),
                        mask_ratio=value("mask_ratio", default=base.mask_ratio),
                        crop_scale=tuple(value("crop_scale", default=base.crop_scale)),
@@ -145,7 +145,7 @@ def _moco_recipe_and_config(args: argparse.Namespace):
               for name, default in defaults.items()}
     values["model"] = value("model", "models", required=True, first=True)
     value.check()
-    recipe = MocoRecipe(model=values["model"], img_size=values["image_size"],
+    recipe = MocoRecipe(model=values["model"], image_size=values["image_size"],
                         hidden_dim=values["hidden_dim"], queue_size=values["queue_size"],
                         momentum=values["momentum"], temperature=values["temperature"],
                         bn_splits=values["bn_splits"], in_chans=values["in_chans"])
@@ -218,7 +218,7 @@ def _recipe_and_config(args: argparse.Namespace):
     vit, decays = is_vit(model), supports_layer_decay(model)
     recipe = FinetuneRecipe(
         model=model, init=args.init, weights=args.weights,
-        img_size=value("image_size", "image_size", base.img_size),
+        image_size=value("image_size", "image_size", base.image_size),
         patch_size=_Settings(args, profile, "02_mae_pretraining")("patch_size") if vit else None,
         layer_decay=(value("layer_decay", "paper_layer_decay", base.layer_decay) if decays
                      else None),
@@ -260,7 +260,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     table, report = evaluate_weights(
         open_cache(args.data), args.model, args.weights, split=args.split,
-        in_chans=args.in_chans, img_size=args.image_size, patch_size=args.patch_size,
+        in_chans=args.in_chans, image_size=args.image_size, patch_size=args.patch_size,
         eval_crop=PAPER_EVAL_CROP if args.eval_crop is None else args.eval_crop,
         normalise=PAPER_NORMALISE if args.normalise is None else tuple(args.normalise),
         batch_size=args.batch_size)

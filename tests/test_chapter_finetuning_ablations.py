@@ -72,8 +72,8 @@ def test_arms_are_labelled_by_the_module_and_the_cnn_parameter(monkeypatch):
     def no_weights(model):
         raise WeightsUnavailable(f"no ImageNet weights for {model}")
     monkeypatch.setattr(ch4, "imagenet_weights", no_weights)
-    vit = FinetuneRecipe(model="vit_tiny_patch16", img_size=32)
-    cnn = FinetuneRecipe(model="resnet50", img_size=32, layer_decay=None, drop_path=0.0)
+    vit = FinetuneRecipe(model="vit_tiny_patch16", image_size=32)
+    cnn = FinetuneRecipe(model="resnet50", image_size=32, layer_decay=None, drop_path=0.0)
     found, skipped = ch4.arms(vit, cnn, "mae.pt", "moco.pt")
     assert list(found) == [("ViT", "random"), ("ViT", "MAE on X-rays"), ("ResNet", "random"),
                            ("ResNet", "MoCo v2 on X-rays")]

@@ -36,7 +36,7 @@ def run(model="vit_small_patch16", init="mae", **changes) -> pd.Series:
     """One row of chapter 4's tables of runs."""
     row = {"model": model, "init": init, "layer_decay": np.nan, "drop_path": 0.1,
            "randaug_magnitude": np.nan, "train_fraction": 1.0, "patch_size": 16.0,
-           "img_size": 64}
+           "image_size": 64}
     return pd.Series({**row, **changes})
 
 

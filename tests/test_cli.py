@@ -84,7 +84,7 @@ def test_finetune_options_left_out_come_from_the_profile_and_none_turns_a_settin
 
     section = load_profile("cpu").chapters["04_finetuning_ablations"]
     recipe, config = _finetune_recipe()
-    assert (recipe.model, recipe.img_size, config.epochs) == (
+    assert (recipe.model, recipe.image_size, config.epochs) == (
         section["vit_model"], section["image_size"], section["epochs"])
     assert recipe.layer_decay == 0.55 and recipe.randaug_magnitude == 6.0  # the paper's
     off, _ = _finetune_recipe("--layer-decay", "none", "--randaug", "off", "--epochs", "3")
@@ -159,7 +159,7 @@ def test_moco_options_follow_the_same_resolver_and_name_what_is_missing(tmp_path
 
     section = load_profile("cpu").chapters["03_moco_baselines"]
     recipe, config, _ = moco()
-    assert (recipe.model, recipe.img_size, config.epochs) == (
+    assert (recipe.model, recipe.image_size, config.epochs) == (
         section["models"][0], section["image_size"], section["epochs"])
     recipe, config, knn = moco("--model", "resnet50", "--epochs", "1", "--knn-k", "3")
     assert (recipe.model, config.epochs, knn.k) == ("resnet50", 1, 3)

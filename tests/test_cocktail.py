@@ -120,12 +120,12 @@ def test_mix_statistics_follow_the_shares_not_the_image_counts(cache):
 
 def test_finetuning_reuses_given_statistics_and_rotates(cache):
     recipe = FinetuneRecipe(model="densenet121", layer_decay=None, drop_path=0.0,
-                            randaug_magnitude=None, img_size=SIZE, normalise=(0.3, 0.2),
+                            randaug_magnitude=None, image_size=SIZE, normalise=(0.3, 0.2),
                             rotation=30)
     augment = finetune_augment(cache, recipe)
     assert (augment.mean, augment.std, augment.rotation) == (0.3, 0.2, 30.0)
     own = finetune_augment(cache, FinetuneRecipe(model="densenet121", layer_decay=None,
-                                                 drop_path=0.0, img_size=SIZE))
+                                                 drop_path=0.0, image_size=SIZE))
     assert own.mean == pytest.approx(pixel_stats(cache.images[cache.split_indices("train")])[0],
                                      abs=1e-4)
     with pytest.raises(ValueError, match="normalise"):

@@ -36,7 +36,7 @@ from cxr_lib.methods.mae import cache_identity
 from cxr_lib.models import classifier
 from cxr_lib.models.classifier import WeightsUnavailable
 
-RECIPE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, layer_decay=0.5,
+RECIPE = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8, layer_decay=0.5,
                         drop_path=0.1, randaug_magnitude=6.0)
 CONFIG = paper_config(epochs=2, warmup_epochs=1, batch_size=16, base_lr=1e-3)
 
@@ -271,7 +271,7 @@ def test_a_released_classifier_is_scored_per_finding_with_the_papers_evaluation(
     cache64 = chapter_cache(tmp_path, phantom_dataset(60, size=64, seed=2), 64)
     theirs = released_vit_file(tmp_path / "vit_finetuned.pth", 56)
     table, report = evaluate_weights(cache64, "vit_tiny_patch16", tmp_path / "vit_finetuned.pth",
-                                     img_size=56, patch_size=8, batch_size=8)
+                                     image_size=56, patch_size=8, batch_size=8)
     assert report.missing == [] and report.unexpected == []
     rows = cache64.split_indices("test")
     x = torch.from_numpy(np.array(cache64.images[rows]))[:, None, 4:60, 4:60].float() / 255

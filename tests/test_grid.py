@@ -18,7 +18,7 @@ from cxr_lib.methods.grid import (
     seed_summary,
 )
 
-BASE = FinetuneRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8,
+BASE = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8,
                       randaug_magnitude=None)
 CONFIG = paper_config(epochs=1, warmup_epochs=0, batch_size=16, base_lr=1e-3)
 

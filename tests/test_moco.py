@@ -43,7 +43,7 @@ from cxr_lib.methods.moco import (
 from cxr_lib.models.moco import MoCo, build_moco, info_nce, split_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-RECIPE = MocoRecipe(model="resnet10t", img_size=32, dim=16, hidden_dim=32, queue_size=64,
+RECIPE = MocoRecipe(model="resnet10t", image_size=32, dim=16, hidden_dim=32, queue_size=64,
                     bn_splits=2)
 KNN = KnnSettings(k=5, batch_size=64)
 
@@ -187,7 +187,7 @@ def test_jitter_and_blur_leave_images_alone_at_probability_zero_and_act_at_one()
 
 def test_recipe_augmentation_uses_mocos_crop_scale_and_the_cache_statistics(cache):
     aug = moco_augment(cache, RECIPE)
-    assert aug.scale == (0.2, 1.0) and aug.size == RECIPE.img_size
+    assert aug.scale == (0.2, 1.0) and aug.size == RECIPE.image_size
     assert (aug.mean, aug.std) == split_stats(cache) != (0.5, 0.25)
 
 

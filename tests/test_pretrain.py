@@ -29,7 +29,7 @@ from cxr_lib.methods.mae import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-RECIPE = MaeRecipe(model="vit_tiny_patch16", img_size=32, patch_size=8, decoder_dim=32,
+RECIPE = MaeRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8, decoder_dim=32,
                    decoder_depth=1, decoder_heads=2)
 CONFIG = TrainConfig(epochs=2, batch_size=16, base_lr=1e-3, warmup_epochs=1)
 
@@ -112,7 +112,7 @@ def test_a_mix_of_draws_and_given_statistics_make_their_own_run(cache, tmp_path)
 
 
 def test_heldout_loss_uses_the_same_masks_for_every_model(cache):
-    recipe = MaeRecipe(model="hiera_tiny", img_size=64, mask_ratio=0.6, norm_pix_loss=True,
+    recipe = MaeRecipe(model="hiera_tiny", image_size=64, mask_ratio=0.6, norm_pix_loss=True,
                        decoder_dim=32, decoder_depth=1, decoder_heads=2)
     torch.manual_seed(0)
     pre = PretrainedMae(recipe.build(), None, mae_augment(cache, recipe), recipe)
@@ -210,7 +210,7 @@ def test_rgb_input_pretrains_the_papers_mae_and_leaves_default_runs_named_as_bef
 def test_command_line_continues_a_released_rgb_mae_with_its_pixel_predictor(cache, tmp_path,
                                                                            capsys):
     section = load_profile("smoke").chapters["02_mae_pretraining"]
-    released = MaeRecipe(model=section["model"], img_size=32, patch_size=section["patch_size"],
+    released = MaeRecipe(model=section["model"], image_size=32, patch_size=section["patch_size"],
                          decoder_dim=section["decoder_dim"], decoder_depth=section["decoder_depth"],
                          decoder_heads=section["decoder_heads"], in_chans=3).build()
     torch.save({"model": released.state_dict(), "epoch": 799}, tmp_path / "released.pth")

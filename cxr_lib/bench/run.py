@@ -79,7 +79,7 @@ from cxr_lib.methods.finetune import (
 )
 from cxr_lib.methods.moco import MocoRecipe, MomentumQueue, moco_config
 from cxr_lib.models.classifier import build_classifier, is_vit
-from cxr_lib.models.mae import build_mae
+from cxr_lib.models.mae import PAPER_MASK_RATIO, build_mae
 from cxr_lib.models.moco import MoCo
 
 MEAN, STD = 0.5, 0.25  # normalisation (0..1 units); speed does not depend on it
@@ -324,8 +324,8 @@ class MaeTask(BenchTask):
 
     def build(self, s: BenchSettings) -> nn.Module:
         width, heads = (64, 4) if s.tiny else (512, 16)
-        mae = build_mae(_vit(s), img_size=s.image_size, mask_ratio=0.9, decoder_dim=width,
-                        decoder_depth=self.decoder_depth, decoder_heads=heads)
+        mae = build_mae(_vit(s), img_size=s.image_size, mask_ratio=PAPER_MASK_RATIO,
+                        decoder_dim=width, decoder_depth=self.decoder_depth, decoder_heads=heads)
         return _tiny_vit(mae) if s.tiny else mae
 
     def config(self, s: BenchSettings) -> TrainConfig:
@@ -352,13 +352,13 @@ class ClassifierTask(BenchTask):
 
     def _recipe(self, s: BenchSettings) -> FinetuneRecipe:
         model = _vit(s) if is_vit(self.recipe.model) else self.recipe.model
-        return dataclasses.replace(self.recipe, model=model, img_size=s.image_size)
+        return dataclasses.replace(self.recipe, model=model, image_size=s.image_size)
 
     def build(self, s: BenchSettings) -> nn.Module:
         r = self._recipe(s)
         if s.tiny and not is_vit(r.model):
             return _tiny_densenet(len(FINDINGS))
-        net = build_classifier(r.model, img_size=r.img_size, drop_path=r.drop_path)[0]
+        net = build_classifier(r.model, img_size=r.image_size, drop_path=r.drop_path)[0]
         return _tiny_vit(net) if s.tiny else net
 
     def config(self, s: BenchSettings) -> TrainConfig:
@@ -396,7 +396,7 @@ class MocoTask(BenchTask):
 
     def _recipe(self, s: BenchSettings) -> MocoRecipe:
         # 8 batch-norm groups of 32 at batch 256 (MoCo's 8 GPUs); fewer for small batches.
-        return MocoRecipe(model=self.backbone, img_size=s.image_size,
+        return MocoRecipe(model=self.backbone, image_size=s.image_size,
                           bn_splits=max(1, min(8, s.batch_size // 32 or s.batch_size // 2)))
 
     def build(self, s: BenchSettings) -> nn.Module:
@@ -440,8 +440,8 @@ class MocoTask(BenchTask):
 
 
 TASKS: dict[str, BenchTask] = {task.name: task for task in (
-    MaeTask("mae_vit_s", "MAE ViT-S/16, 512-wide 2-block decoder, mask 0.9", 2),
-    MaeTask("mae_vit_s_8b", "MAE ViT-S/16, 512-wide 8-block decoder, mask 0.9", 8),
+    *(MaeTask(name, f"MAE ViT-S/16, 512-wide {depth}-block decoder, mask {PAPER_MASK_RATIO:g}",
+              depth) for name, depth in (("mae_vit_s", 2), ("mae_vit_s_8b", 8))),
     ClassifierTask("finetune_vit_s", "fine-tune ViT-S/16, RandAugment m6, drop path 0.2, "
                    "layer decay 0.55", FinetuneRecipe()),
     ClassifierTask("finetune_densenet121", "fine-tune DenseNet-121, crop and flip",

@@ -66,7 +66,7 @@ class MaeEncoder:
     """Chapter 2's saved encoder: its file, and the image size and patch it was trained at."""
 
     path: Path
-    img_size: int
+    image_size: int
     patch_size: int
 
 
@@ -74,9 +74,9 @@ def mae_encoder(path: Path, vit_model: str, image_size: int) -> MaeEncoder:
     """Read the recipe chapter 2 saved with its encoder (a patch of None is the ViT's 16) and
     say what is fine-tuned at which size."""
     recipe = torch.load(path, weights_only=True)["recipe"]
-    encoder = MaeEncoder(Path(path), recipe["img_size"], recipe["patch_size"] or 16)
+    encoder = MaeEncoder(Path(path), recipe["image_size"], recipe["patch_size"] or 16)
     print(f"MAE encoder {encoder.path.name}: {vit_model}, patch {encoder.patch_size}, "
-          f"pre-trained at {encoder.img_size} px; fine-tuned here at {image_size} px")
+          f"pre-trained at {encoder.image_size} px; fine-tuned here at {image_size} px")
     return encoder
 
 
@@ -115,7 +115,7 @@ def data_words(cache: Cache, data_root: str | Path | None, encoder: MaeEncoder,
     """The edition's images, its splits, the test split's rarest findings, and the note on a
     resolution other than the MAE encoder's."""
     test = cache.split_indices("test")
-    return {"resolution_note": resolution_note(encoder.img_size, image_size,
+    return {"resolution_note": resolution_note(encoder.image_size, image_size,
                                                encoder.patch_size),
             "images_origin": images_origin(data_root),
             "n_train": f"{len(cache.split_indices('train')):,}",

@@ -465,13 +465,13 @@ def gathering_words(table: pd.DataFrame, k: int) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- carried forward
 
-def save_backbones(pretrained: Mapping[str, PretrainedMoco], work: str | Path, img_size: int
+def save_backbones(pretrained: Mapping[str, PretrainedMoco], work: str | Path, image_size: int
                    ) -> dict[str, Path]:
     """Save each query encoder where chapter 4 looks for it (`encoder_path`), and load it back
     as chapter 4 does, into a plain timm classifier, which must take every weight."""
     saved = {m: save_backbone(pre, encoder_path(work, "moco", m)) for m, pre in pretrained.items()}
     for model, path in saved.items():
-        _, report = build_classifier(model, img_size=img_size, init="moco", weights=path)
+        _, report = build_classifier(model, img_size=image_size, init="moco", weights=path)
         print(f"{path.name}: {report.summary}")
         if report.unexpected or report.mismatched:
             raise RuntimeError(f"{path.name} does not load into a {model} classifier: "

@@ -465,7 +465,7 @@ def box_scores(looks: Looks) -> pd.DataFrame | None:
 def model_shown(row: pd.Series) -> str:
     """A run's model as the published table lists it: "vit_small_patch16, patch 16, 64 px"."""
     patch = f", patch {int(row['patch_size'])}" if pd.notna(row["patch_size"]) else ""
-    return f"{row['model']}{patch}, {row['img_size']} px"
+    return f"{row['model']}{patch}, {row['image_size']} px"
 
 
 def ours_beside_theirs(theirs: pd.DataFrame, starts: pd.DataFrame, intervals: pd.DataFrame,

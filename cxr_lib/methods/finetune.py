@@ -77,7 +77,7 @@ class FinetuneRecipe:
     model: str = "vit_small_patch16"  # a ViT or Hiera MAE preset, or densenet121 / resnet50
     init: str = "random"  # random, imagenet, mae, moco, torchvision
     weights: str | None = None  # the file for mae / moco / torchvision (imagenet: optional)
-    img_size: int = 224
+    image_size: int = 224
     patch_size: int | None = None  # ViT only; None: 16
     layer_decay: float | None = 0.55  # ViT only; None: one learning rate for every layer
     drop_path: float = 0.2
@@ -149,7 +149,7 @@ def finetune_augment(cache: Cache, recipe: FinetuneRecipe,
     mean, std = recipe.normalise if recipe.normalise is not None else split_stats(cache, split)
     randaug = (None if recipe.randaug_magnitude is None
                else RandAugment(magnitude=recipe.randaug_magnitude, fill=fill_level(mean)))
-    return FinetuneAugment(recipe.img_size, tuple(recipe.crop_scale), mean, std, randaug,
+    return FinetuneAugment(recipe.image_size, tuple(recipe.crop_scale), mean, std, randaug,
                            recipe.rotation, recipe.in_chans, recipe.eval_crop)
 
 
@@ -257,7 +257,7 @@ def finetune(cache: Cache, recipe: FinetuneRecipe, config: TrainConfig, run_root
     torch.manual_seed(config.seed)  # the head's (and a random start's) weights are the run's
     model, report = build_classifier(
         recipe.model, num_classes=len(cache.findings), in_chans=recipe.in_chans,
-        img_size=recipe.img_size, patch_size=recipe.patch_size, drop_path=recipe.drop_path,
+        img_size=recipe.image_size, patch_size=recipe.patch_size, drop_path=recipe.drop_path,
         init=recipe.init, weights=weights)
     device = default_device()
     train = CacheBatches(cache, rows, config.batch_size, shuffle=True, seed=config.seed,
@@ -327,7 +327,7 @@ def evaluate_split(model: nn.Module, cache: Cache, split: str, augment: Finetune
 
 
 def evaluate_weights(cache: Cache, model: str, weights: str | Path, *, split: str = "test",
-                     in_chans: int = 3, img_size: int = 224, patch_size: int | None = None,
+                     in_chans: int = 3, image_size: int = 224, patch_size: int | None = None,
                      eval_crop: float = PAPER_EVAL_CROP,
                      normalise: tuple[float, float] = PAPER_NORMALISE, batch_size: int = 128
                      ) -> tuple[pd.DataFrame, LoadReport]:
@@ -339,9 +339,9 @@ def evaluate_weights(cache: Cache, model: str, weights: str | Path, *, split: st
     cache's finding order, which is theirs (`cxr_lib.data.core.FINDINGS`).
     """
     net, report = build_classifier(model, num_classes=len(cache.findings), in_chans=in_chans,
-                                   img_size=img_size, patch_size=patch_size, init="finetuned",
+                                   img_size=image_size, patch_size=patch_size, init="finetuned",
                                    weights=weights)
-    augment = FinetuneAugment(img_size, (0.08, 1.0), *normalise, channels=in_chans,
+    augment = FinetuneAugment(image_size, (0.08, 1.0), *normalise, channels=in_chans,
                               eval_crop=eval_crop)
     scores, rows = evaluate_split(net, cache, split, augment, TrainConfig(batch_size=batch_size))
     if len(rows) == 0:
@@ -361,7 +361,7 @@ def load_finetuned(run_dir: str | Path, cache: Cache) -> tuple[nn.Module, Finetu
     config = json.loads((run_dir / runs.CONFIG).read_text())
     recipe = FinetuneRecipe(**{**config["extra"]["recipe"], "init": "random", "weights": None})
     model, _ = build_classifier(recipe.model, num_classes=len(cache.findings),
-                                in_chans=recipe.in_chans, img_size=recipe.img_size,
+                                in_chans=recipe.in_chans, img_size=recipe.image_size,
                                 patch_size=recipe.patch_size, drop_path=recipe.drop_path)
     return load_run_weights(model, run_dir).eval(), finetune_augment(cache, recipe)
 

@@ -52,7 +52,7 @@ class MaeRecipe:
     """
 
     model: str = "vit_small_patch16"
-    img_size: int = 224
+    image_size: int = 224
     patch_size: int | None = None  # None: the model's own (16)
     mask_ratio: float = PAPER_MASK_RATIO
     crop_scale: tuple[float, float] = PAPER_MAE_CROP_SCALE
@@ -78,7 +78,7 @@ class MaeRecipe:
     def build(self) -> MaskedAutoencoder | HieraMae:
         """A ViT MAE for the ViT presets, a Hiera MAE for `hiera_*` (patch size None or 4)."""
         build = build_hiera_mae if mae_family(self.model) == "hiera" else build_mae
-        return build(self.model, img_size=self.img_size, patch_size=self.patch_size,
+        return build(self.model, img_size=self.image_size, patch_size=self.patch_size,
                      in_chans=self.in_chans, mask_ratio=self.mask_ratio,
                      norm_pix_loss=self.norm_pix_loss, decoder_dim=self.decoder_dim,
                      decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads)
@@ -111,7 +111,7 @@ def mae_augment(cache: Cache, recipe: MaeRecipe, split: str = "train",
         mean, std = split_stats(cache, split)
     else:
         mean, std = (round(v, 4) for v in normalise)
-    return MaeAugment(recipe.img_size, scale=recipe.crop_scale, mean=mean, std=std,
+    return MaeAugment(recipe.image_size, scale=recipe.crop_scale, mean=mean, std=std,
                       channels=recipe.in_chans)
 
 

@@ -55,7 +55,7 @@ class MocoRecipe:
     (8 GPUs x 32). `in_chans=3` feeds the gray image replicated to RGB, as Xiao et al. do."""
 
     model: str = "densenet121"
-    img_size: int = 224
+    image_size: int = 224
     dim: int = 128
     hidden_dim: int | None = None  # None: the backbone's feature width (MoCo's code)
     queue_size: int = 65536
@@ -66,7 +66,7 @@ class MocoRecipe:
     brightness: float = 0.4
     contrast: float = 0.4
     jitter_p: float = 0.8
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at 224 px, scaled with img_size
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at 224 px, scaled with image_size
     blur_p: float = 0.5
     in_chans: int = 1
 
@@ -129,7 +129,7 @@ def moco_config(epochs: int, batch_size: int, *, base_lr: float = 0.03,
 def moco_augment(cache: Cache, recipe: MocoRecipe, split: str = "train") -> MocoAugment:
     """The recipe's two-view augmentation, normalised with the training images' statistics."""
     mean, std = split_stats(cache, split)
-    return MocoAugment(recipe.img_size, scale=recipe.crop_scale, brightness=recipe.brightness,
+    return MocoAugment(recipe.image_size, scale=recipe.crop_scale, brightness=recipe.brightness,
                        contrast=recipe.contrast, jitter_p=recipe.jitter_p,
                        blur_sigma=recipe.blur_sigma, blur_p=recipe.blur_p,
                        mean=mean, std=std, channels=recipe.in_chans)
