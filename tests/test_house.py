@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import papermill
 import pytest
 
 from cxr_lib.book.profiles import repo_root
@@ -138,3 +139,11 @@ def test_no_notebook_decides_in_its_own_code():
                                                   and node.ifs):
                     found.append(f"{path.stem} code cell {number}: {ast.unparse(node)[:60]}")
     assert not found, "; ".join(found)
+
+
+def test_every_notebook_parameter_has_a_type_papermill_shows():
+    """`papermill --help-notebook` lists each parameter with its type, not "Unknown type"."""
+    untyped = [f"{path.stem}: {name}" for path in notebooks()
+               for name, parameter in papermill.inspect_notebook(str(path)).items()
+               if parameter["inferred_type_name"] == "None"]
+    assert not untyped, f"parameters without a type: {untyped}"
