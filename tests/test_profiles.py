@@ -21,7 +21,8 @@ def notebook_parameters(stem: str) -> set[str]:
     nb = nbformat.read(repo_root() / "notebooks" / f"{stem}.ipynb", as_version=4)
     [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     tree = ast.parse(cell.source)
-    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+    return ({t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+            | {node.target.id for node in tree.body if isinstance(node, ast.AnnAssign)})
 
 
 @pytest.fixture
