@@ -16,6 +16,7 @@ from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.cli import main
 from cxr_lib.data.cache import prepare_cache
 from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.engine import runs
 from cxr_lib.engine.metrics import mean_auc
 from cxr_lib.engine.runs import weights_digest
 from cxr_lib.engine.schedule import schedule_at
@@ -235,14 +236,11 @@ def test_a_cache_remade_with_other_test_labels_trains_its_own_run(tmp_path, caps
         assert f"{state} {tmp_path / 'runs'}" in capsys.readouterr().out
 
 
-def test_the_papers_rgb_input_and_view_are_options_that_leave_default_runs_named_as_before(
-        cache):
-    old = {**dataclasses.asdict(RECIPE), "weights": None}  # the identity before the options
-    for name in ("in_chans", "eval_crop"):
-        del old[name]
-    assert RECIPE.identity(None) == old  # so the book's finished runs keep their folders
+def test_the_papers_rgb_input_and_view_are_options_the_run_hash_names(cache):
+    assert RECIPE.identity(None) == {**dataclasses.asdict(RECIPE), "weights": None}
     theirs = dataclasses.replace(RECIPE, in_chans=3, eval_crop=PAPER_EVAL_CROP)
     assert theirs.identity(None)["in_chans"] == 3 and theirs.identity(None)["eval_crop"] == 0.875
+    assert runs.config_hash(theirs.identity(None)) != runs.config_hash(RECIPE.identity(None))
     x = torch.from_numpy(np.array(cache.images[:4]))[:, None]  # [4, 1, 32, 32] uint8
     augment = finetune_augment(cache, theirs)
     view = augment(x, torch.Generator().manual_seed(0))

@@ -361,13 +361,12 @@ def test_the_default_head_is_as_wide_as_the_backbones_features_as_in_mocos_code(
     assert moco.encoder_q.num_features == width
 
 
-def test_rgb_input_is_an_option_that_leaves_default_runs_named_as_before():
+def test_rgb_input_is_an_option_the_run_hash_names():
     recipe = MocoRecipe(model="resnet10t", hidden_dim=32, queue_size=16)
-    old = dataclasses.asdict(recipe)
-    del old["in_chans"]
-    assert recipe.identity() == old
+    assert recipe.identity() == dataclasses.asdict(recipe) and recipe.identity()["in_chans"] == 1
     rgb = dataclasses.replace(recipe, in_chans=3)
     assert rgb.identity()["in_chans"] == 3
+    assert runs.config_hash(rgb.identity()) != runs.config_hash(recipe.identity())
     assert rgb.build().encoder_q.conv1[0].weight.shape[1] == 3
 
 

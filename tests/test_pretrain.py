@@ -191,14 +191,14 @@ def test_pretraining_can_continue_from_a_weights_file(cache, tmp_path):
     assert plain.run.path != pre.run.path
 
 
-def test_rgb_input_pretrains_the_papers_mae_and_leaves_default_runs_named_as_before(cache,
-                                                                                    tmp_path):
+def test_rgb_input_pretrains_the_papers_mae_in_a_run_of_its_own(cache, tmp_path):
     """in_chans=3: the gray crops replicated to RGB, a 3-channel patch projection and three
-    predicted values per pixel, as Xiao et al.'s MAE; at 1 the run hash is the earlier one."""
-    old = dataclasses.asdict(RECIPE)
-    del old["in_chans"], old["init_weights"]
-    assert RECIPE.identity() == old
+    predicted values per pixel, as Xiao et al.'s MAE; the run hash names the channel count."""
+    every = dataclasses.asdict(RECIPE)
+    del every["init_weights"]  # none: no start file to name
+    assert RECIPE.identity() == every and every["in_chans"] == 1
     rgb = dataclasses.replace(RECIPE, in_chans=3)
+    assert runs.config_hash(rgb.identity()) != runs.config_hash(RECIPE.identity())
     pre = pretrain_mae(cache, rgb, dataclasses.replace(CONFIG, epochs=1), tmp_path,
                        progress=False)
     assert pre.mae.patch_embed.proj.weight.shape[1] == 3

@@ -72,13 +72,6 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(config_json(config).encode()).hexdigest()[:HASH_CHARS]
 
 
-def without_defaults(fields: dict, later: dict) -> dict:
-    """`fields` without the `later` ones (name: default) that hold their default: a recipe
-    field added after runs were made is named in the hash only when set, so those runs keep
-    their folders."""
-    return {k: v for k, v in fields.items() if k not in later or v != later[k]}
-
-
 def weights_digest(path: str | Path | None) -> str | None:
     """A short SHA-256 of a weights file: a run's identity follows the file's content, so an
     encoder saved again with other weights trains a new run, and a moved one does not."""

@@ -65,8 +65,6 @@ TEST_SCORES = "test_scores.parquet"  # in the run folder: id, patient, one logit
 PAPER_EVAL_CROP = 224 / 256  # Xiao et al.'s evaluation view: Resize(256), CenterCrop(224)
 # Xiao et al.'s pixel mean and std of ChestX-ray14 (0..1), the same for each RGB channel
 PAPER_NORMALISE = (0.5056, 0.252)
-# Fields added after runs were published, with their defaults (see `FinetuneRecipe.identity`)
-_LATER_FIELDS = {"in_chans": 1, "eval_crop": 1.0}
 
 
 @dataclass(frozen=True)
@@ -128,9 +126,8 @@ class FinetuneRecipe:
 
     def identity(self, weights: str | None) -> dict:
         """The recipe as the run hash sees it: the start file (`weights`, resolved) by its
-        content, and the later fields only where they differ from their defaults."""
-        fields = {**dataclasses.asdict(self), "weights": runs.weights_digest(weights)}
-        return runs.without_defaults(fields, _LATER_FIELDS)
+        content."""
+        return {**dataclasses.asdict(self), "weights": runs.weights_digest(weights)}
 
 
 def paper_config(**changes) -> TrainConfig:

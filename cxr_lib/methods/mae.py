@@ -36,10 +36,6 @@ from cxr_lib.models.mae import (
     load_mae_checkpoint,
 )
 
-# Fields added after runs were published, with their defaults: named only when set, so those
-# runs keep their folders and their saved encoders their bytes
-_LATER_FIELDS = {"in_chans": 1}
-
 
 @dataclass(frozen=True)
 class MaeRecipe:
@@ -68,10 +64,9 @@ class MaeRecipe:
     in_chans: int = 1  # 3: the gray image replicated to RGB, as Xiao et al.'s code feeds it
 
     def identity(self) -> dict:
-        """The recipe as the run hash sees it: the start file by its content, and (so that runs
-        without them keep their earlier identity) no start field when there is none and no
-        channel count when it is 1."""
-        fields = runs.without_defaults(dataclasses.asdict(self), _LATER_FIELDS)
+        """The recipe as the run hash sees it: the start file by its content, and no start
+        field when there is none."""
+        fields = dataclasses.asdict(self)
         start = fields.pop("init_weights")
         return fields if start is None else {**fields, "init_weights": runs.weights_digest(start)}
 
@@ -170,8 +165,7 @@ def probe_encoder(mae: MaskedAutoencoder, cache: Cache, augment: MaeAugment, *,
 def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
     """Write the encoder (timm ViT keys) with its recipe, for fine-tuning (chapter 4)."""
     return runs.save_weights(path, encoder_state_dict(pretrained.mae),
-                             recipe=runs.without_defaults(dataclasses.asdict(pretrained.recipe),
-                                                          _LATER_FIELDS),
+                             recipe=dataclasses.asdict(pretrained.recipe),
                              normalise=[pretrained.augment.mean, pretrained.augment.std],
                              run=pretrained.run.path.name)
 

@@ -42,8 +42,6 @@ from cxr_lib.methods.mae import cache_identity
 from cxr_lib.methods.probe import extract_features
 from cxr_lib.models.moco import MoCo, build_moco, gather_keys
 
-_LATER_FIELDS = {"in_chans": 1}  # added after runs were published: named only when set
-
 
 @dataclass(frozen=True)
 class MocoRecipe:
@@ -71,9 +69,8 @@ class MocoRecipe:
     in_chans: int = 1
 
     def identity(self) -> dict:
-        """The recipe as the run hash sees it: the channel count only when it is not 1, so
-        runs from before the field keep their folders."""
-        return runs.without_defaults(dataclasses.asdict(self), _LATER_FIELDS)
+        """The recipe as the run hash sees it: every field."""
+        return dataclasses.asdict(self)
 
     def build(self) -> MoCo:
         return build_moco(self.model, in_chans=self.in_chans, dim=self.dim,
