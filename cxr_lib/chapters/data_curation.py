@@ -27,7 +27,7 @@ from cxr_lib.data.cache import Cache, check_cache, is_complete, prepare_cache
 from cxr_lib.data.nih import (
     NO_FINDING,
     SOURCE,
-    _assign_splits,
+    assign_splits,
     find_label_file,
     read_bboxes,
     read_nih_labels,
@@ -215,7 +215,7 @@ def split_meta(data_root: str | Path | None, meta: pd.DataFrame, *, seed: int,
         return phantom_dataset(n_phantoms, size=phantom_size, seed=seed).meta
     train_val, test = read_split_lists(data_root, meta["id"])
     split = meta.copy()
-    split["split"] = _assign_splits(split, train_val, test, VAL_FRACTION, seed, Path(data_root))
+    split["split"] = assign_splits(split, train_val, test, VAL_FRACTION, seed, Path(data_root))
     return split
 
 

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxr_lib.data import XrayDataset
+from cxr_lib.chapters.files import cache_dir
+from cxr_lib.data import XrayDataset, open_source
 from cxr_lib.data.cache import Cache, prepare_cache
-from cxr_lib.data.nih import read_chestxray14
-from cxr_lib.data.phantoms import phantom_dataset
 
 
 def chapter_dataset(data_root: str | Path | None, *, n_phantoms: int, phantom_size: int,
                     seed: int = 0, val_fraction: float = 0.1) -> XrayDataset:
     """The NIH images under `data_root` (only those present), else `n_phantoms` phantoms."""
     if data_root:
-        return read_chestxray14(data_root, val_fraction=val_fraction, seed=seed)
-    return phantom_dataset(n_phantoms, size=phantom_size, seed=seed)
+        return open_source("chestxray14", data_root, val_fraction=val_fraction, seed=seed)
+    return open_source("phantom", count=n_phantoms, size=phantom_size, seed=seed)
 
 
 def chapter_cache(work_dir: str | Path, dataset: XrayDataset, size: int) -> Cache:
     """The profile's preprocessing cache of `dataset` at `size` px (made once, then reused)."""
-    return prepare_cache(dataset, Path(work_dir) / "cache" / f"{dataset.name}-{size}", size=size)
+    return prepare_cache(dataset, cache_dir(work_dir, dataset.name, size), size=size)

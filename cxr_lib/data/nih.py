@@ -396,7 +396,7 @@ def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int =
     paths = np.array([files.get(i, "") for i in ids], dtype=object)  # [N], "" when absent
     present = paths != ""
     meta, labels = meta[present].reset_index(drop=True), labels[present]
-    meta["split"] = (_assign_splits(meta, train_val, test, val_fraction, seed, root)
+    meta["split"] = (assign_splits(meta, train_val, test, val_fraction, seed, root)
                      if named is None else _named_splits(meta, named, split_lists))
     meta["source"] = SOURCE
     meta["path"] = paths[present].astype(str)
@@ -408,7 +408,7 @@ def read_chestxray14(root: str | Path, *, val_fraction: float = 0.1, seed: int =
     return XrayDataset(SOURCE, list(FINDINGS), labels, meta, {SOURCE: read_image_row})
 
 
-def _assign_splits(meta: pd.DataFrame, train_val: set[str], test: set[str],
+def assign_splits(meta: pd.DataFrame, train_val: set[str], test: set[str],
                    val_fraction: float, seed: int, root: Path) -> np.ndarray:
     """test from the official list; train/val drawn by patient from the official train_val."""
     ids = meta["id"].tolist()
