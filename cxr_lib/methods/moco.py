@@ -60,12 +60,14 @@ class MocoRecipe:
     momentum: float = 0.999
     temperature: float = 0.2
     bn_splits: int = 8
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    brightness: float = 0.4
-    contrast: float = 0.4
-    jitter_p: float = 0.8
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at 224 px, scaled with image_size
-    blur_p: float = 0.5
+    # MoCo v2's views, as MocoAugment defines them (blur sigma in pixels at 224 px, scaled
+    # with image_size)
+    crop_scale: tuple[float, float] = MocoAugment.scale
+    brightness: float = MocoAugment.brightness
+    contrast: float = MocoAugment.contrast
+    jitter_p: float = MocoAugment.jitter_p
+    blur_sigma: tuple[float, float] = MocoAugment.blur_sigma
+    blur_p: float = MocoAugment.blur_p
     in_chans: int = 1
 
     def identity(self) -> dict:
