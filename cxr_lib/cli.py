@@ -107,12 +107,19 @@ def _mae_recipe_and_config(args: argparse.Namespace):
     return profile, recipe, config
 
 
+def _runs_dir(args: argparse.Namespace, profile) -> Path:
+    """`--runs`, else the profile's runs folder, where its chapters train (build/<profile>)."""
+    from cxr_lib.chapters.files import runs_dir
+
+    return Path(args.runs) if args.runs else runs_dir(Path("build") / profile.name)
+
+
 def _pretrain_mae(args: argparse.Namespace) -> None:
     from cxr_lib.data.cache import open_cache
     from cxr_lib.methods.mae import pretrain_mae, save_encoder
 
     profile, recipe, config = _mae_recipe_and_config(args)
-    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    runs_dir = _runs_dir(args, profile)
     pretrained = pretrain_mae(open_cache(args.data), recipe, config, runs_dir, force=args.force)
     _print_run(pretrained.run)
     if args.save:
@@ -162,7 +169,7 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
     from cxr_lib.methods.moco import pretrain_moco, save_backbone
 
     profile, recipe, config, knn = _moco_recipe_and_config(args)
-    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    runs_dir = _runs_dir(args, profile)
     pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
                                force=args.force)
     _print_run(pretrained.run)
@@ -244,7 +251,7 @@ def _finetune(args: argparse.Namespace) -> None:
     from cxr_lib.methods.finetune import finetune
 
     profile, recipe, config = _recipe_and_config(args)
-    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    runs_dir = _runs_dir(args, profile)
     result = finetune(open_cache(args.data), recipe, config, runs_dir, force=args.force)
     _print_run(result.run)
     print(f"start: {result.load_report.summary}")
@@ -287,7 +294,7 @@ def _grid(args: argparse.Namespace) -> None:
             raise ValueError(f"--axis {axis!r}: write NAME=V1,V2 (e.g. layer_decay=0.55,0.75)")
         axes[name] = [None if v.strip().lower() in ("none", "off") else yaml.safe_load(v)
                       for v in values.split(",")]
-    runs_dir = args.runs or Path("build") / profile.name / "runs"
+    runs_dir = _runs_dir(args, profile)
     table = run_grid(recipe, axes, open_cache(args.data), config, runs_dir, name=args.name)
     shown = [*axes, "valid_auc", "test_auc", "train_s", "loaded"]
     print(table[shown].to_string(index=False))

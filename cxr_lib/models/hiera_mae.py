@@ -29,7 +29,7 @@ from timm.models.hiera import Hiera, Reroll, Unroll, undo_windowing
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from cxr_lib.models.mae import MaskedAutoencoder, is_decoder_key
+from cxr_lib.models.mae import MaskedAutoencoder, init_linear_and_norm, is_decoder_key
 
 HIERA_PRESETS: Mapping[str, str] = {
     "hiera_tiny": "hiera_tiny_224",
@@ -172,14 +172,7 @@ class HieraMae(Hiera):
         every Linear and the patch projection xavier-uniform, LayerNorms identity."""
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 

@@ -113,6 +113,19 @@ def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # [M, D]
 
 
+def init_linear_and_norm(model: nn.Module) -> None:
+    """MAE's initialisation of every Linear (xavier-uniform, zero bias) and LayerNorm
+    (identity), in module order; the ViT and the Hiera MAE share it."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE: encode a random `1 - mask_ratio` of the patches, reconstruct the rest's pixels.
 
@@ -164,14 +177,7 @@ class MaskedAutoencoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     def patchify(self, imgs: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, L, p*p*C], pixels inside a patch ordered (row, col, channel)."""
