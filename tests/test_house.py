@@ -147,3 +147,12 @@ def test_every_notebook_parameter_has_a_type_papermill_shows():
                for name, parameter in papermill.inspect_notebook(str(path)).items()
                if parameter["inferred_type_name"] == "None"]
     assert not untyped, f"parameters without a type: {untyped}"
+
+
+def test_every_cell_that_draws_hides_its_code():
+    """Plotting code is collapsed in the book (hide-input), so the text and figures read on."""
+    shown = [f"{path.stem} code cell {number}" for path in notebooks()
+             for number, cell in enumerate(_code_cells(path))
+             if ("plt.show()" in "".join(cell["source"]) or "_figure(" in "".join(cell["source"]))
+             and "hide-input" not in cell["metadata"].get("tags", [])]
+    assert not shown, f"cells that draw with their code shown: {shown}"

@@ -66,3 +66,10 @@ def test_glue_all_glues_every_text_under_its_name_in_order(monkeypatch):
     monkeypatch.setattr(report, "glue_text", lambda name, text: glued.append((name, text)))
     report.glue_all({"b": "two", "a": "one"})
     assert glued == [("b", "two"), ("a", "one")]
+
+
+def test_duration_reads_as_people_say_it():
+    assert report.duration(4.24) == "4.2 s"
+    assert report.duration(123) == "2 min 03 s"
+    assert report.duration(3900) == "1 h 05 min"
+    assert report.duration(0) == "0.0 s"

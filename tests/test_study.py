@@ -4,7 +4,7 @@ import torch
 from fastai.torch_core import default_device, defaults
 from samples import sample
 
-from cxr_lib.chapters.setup import chapter_cache, chapter_dataset
+from cxr_lib.chapters.setup import ChapterClock, chapter_cache, chapter_dataset, images_used, ran_on
 from cxr_lib.device import resolve_device
 
 
@@ -47,3 +47,33 @@ def test_chapters_read_the_real_sample_when_a_data_root_is_given():
     root = sample("nih-cxr14-sample")
     dataset = chapter_dataset(root, n_phantoms=10, phantom_size=32)
     assert dataset.name == "chestxray14" and len(dataset) == 621
+
+
+def test_a_chapter_says_which_images_it_ran_on(tmp_path):
+    phantoms = chapter_cache(tmp_path, chapter_dataset(None, n_phantoms=6, phantom_size=32), 16)
+    assert images_used(phantoms, None) == (
+        "6 synthetic chest phantoms, cached at 16 px — drawn, not X-rays")
+    nih = sample("nih-cxr14-sample")
+    real = chapter_cache(tmp_path, chapter_dataset(nih, n_phantoms=6, phantom_size=32), 16)
+    assert images_used(real, nih) == (
+        f"{len(real):,} NIH ChestX-ray14, adult chest X-rays (the samples shipped with the "
+        "project), cached at 16 px")
+    assert images_used(real, tmp_path).endswith("adult chest X-rays, cached at 16 px")
+
+
+def test_an_empty_cache_has_no_images_to_name(tmp_path, monkeypatch):
+    cache = chapter_cache(tmp_path, chapter_dataset(None, n_phantoms=6, phantom_size=32), 16)
+    monkeypatch.setattr(cache, "index", cache.index.iloc[:0])
+    with pytest.raises(ValueError, match="holds no images"):
+        images_used(cache)
+
+
+def test_a_chapter_says_how_long_it_ran_and_on_what(monkeypatch):
+    clock = ChapterClock()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    words = clock.words(torch.device("cpu"))
+    assert words["ran_on"] == "the CPU (1 thread)" and words["run_time"].endswith(" s")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert ran_on(torch.device("cpu")) == "the CPU (2 threads)"
+    clock.started -= 125
+    assert clock.words(torch.device("cpu"))["run_time"] == "2 min 05 s"

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from cxr_lib.book.profiles import ROOT_KEYS, Profile, ProfileError, load_profile, repo_root
+from cxr_lib.chapters.sentences import duration
 
 CHAPTER_GLOB = "[0-9][0-9]_*.ipynb"
 # Where the executed chapters sit inside the book (and so inside _toc.yml).
@@ -106,7 +107,7 @@ def run_book(
         finally:
             outcome = "done" if len(executed) == number else "failed"
             print(f"[{number}/{len(notebooks)}] {notebook.stem} {outcome} after "
-                  f"{_duration(time.perf_counter() - start)}", flush=True)
+                  f"{duration(time.perf_counter() - start)}", flush=True)
     if publish:
         _publish(executed, repo)
     return executed
@@ -199,14 +200,6 @@ def _publish(executed: Iterable[Path], repo: Path) -> None:
         nbformat.write(content, partial)
         os.replace(partial, book_chapters / notebook.name)
     print(f"published to {book_chapters}", flush=True)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
 
 
 def build_book(profile: str | Path, *, published: bool = False, repo: Path | None = None

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from cxr_lib.chapters.files import encoder_path, runs_dir
 from cxr_lib.chapters.plots import image_grid
 from cxr_lib.chapters.sentences import names as listed
+from cxr_lib.chapters.setup import DESCRIBED
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.phantoms import SOURCE as PHANTOM
 from cxr_lib.engine.config import TrainConfig
@@ -42,14 +43,6 @@ from cxr_lib.methods.finetune import FinetuneRecipe, split_scores
 from cxr_lib.methods.mae import HeldoutErrors, MaeRecipe, PretrainedMae, pretrain_mae, save_encoder
 from cxr_lib.models.classifier import WeightsUnavailable, imagenet_weights
 
-DESCRIBED = {  # a source's name -> what the table of sources says it is
-    "chestxray14": "NIH ChestX-ray14, adult chest X-rays",
-    "phantom": "synthetic chest phantoms",
-    "phantom-lowres": "synthetic chest phantoms drawn at a quarter of the resolution",
-    "pediatric": "pediatric chest X-rays (Kermany et al.)",
-    "chexpert": "CheXpert, adult chest X-rays (Stanford)",
-    "covid19_radiography": "COVID-19 Radiography Database",
-}
 STARTS_TABLE = "ch6_starts"  # the table of fine-tuned starts, runs/<this>.parquet
 OURS, THEIRS = "test AUC, ours", "test AUC, MedTransformer's scoring"  # `scored_table` columns
 

@@ -84,3 +84,12 @@ def check_sentence(setting: str, values: Sequence, judged: Sequence[float],
     return (f"On {split} the best was {setting} {values[other]} ({checked[other]:.3f}), not "
             f"{values[best]} ({checked[best]:.3f}): the two splits disagree, so this sweep has "
             "not settled the setting.")
+
+
+def duration(seconds: float) -> str:
+    """A time as people read it: "4.2 s", "2 min 03 s", "1 h 05 min"."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"

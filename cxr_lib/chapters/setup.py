@@ -6,11 +6,26 @@ the NIH sample), else synthetic phantoms; all chapters of one profile use the sa
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import torch
+from fastai.torch_core import default_device
+
 from cxr_lib.chapters.files import cache_dir
+from cxr_lib.chapters.sentences import duration, names
 from cxr_lib.data import XrayDataset, open_source
 from cxr_lib.data.cache import Cache, prepare_cache
+from cxr_lib.data.samples import samples_root
+
+DESCRIBED = {  # a source's name -> what it is, as the chapters say it
+    "chestxray14": "NIH ChestX-ray14, adult chest X-rays",
+    "phantom": "synthetic chest phantoms",
+    "phantom-lowres": "synthetic chest phantoms drawn at a quarter of the resolution",
+    "pediatric": "pediatric chest X-rays (Kermany et al.)",
+    "chexpert": "CheXpert, adult chest X-rays (Stanford)",
+    "covid19_radiography": "COVID-19 Radiography Database",
+}
 
 
 def chapter_dataset(data_root: str | Path | None, *, n_phantoms: int, phantom_size: int,
@@ -24,3 +39,37 @@ def chapter_dataset(data_root: str | Path | None, *, n_phantoms: int, phantom_si
 def chapter_cache(work_dir: str | Path, dataset: XrayDataset, size: int) -> Cache:
     """The profile's preprocessing cache of `dataset` at `size` px (made once, then reused)."""
     return prepare_cache(dataset, cache_dir(work_dir, dataset.name, size), size=size)
+
+
+def images_used(cache: Cache, *roots: str | Path | None) -> str:
+    """The images a chapter ran on, for its first lines: how many of each source, whether they
+    are the samples shipped with the project, and the size they were cached at."""
+    counts = cache.index["source"].value_counts(sort=False)
+    if counts.empty:
+        raise ValueError(f"cache {cache.name!r} holds no images")
+    parts = [f"{n:,} {DESCRIBED.get(source, source)}" for source, n in counts.items()]
+    shipped = [Path(r).resolve() for r in roots if r]
+    shipped = shipped and all(r.is_relative_to(samples_root().resolve()) for r in shipped)
+    where = " (the samples shipped with the project)" if shipped else ""
+    fake = " — drawn, not X-rays" if set(counts.index) <= {"phantom", "phantom-lowres"} else ""
+    return f"{names(parts)}{where}, cached at {cache.size} px{fake}"
+
+
+class ChapterClock:
+    """Started where a chapter's work starts; `words` say how long it ran, and on what."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def words(self, device: torch.device | None = None) -> dict[str, str]:
+        """How long since the start, and the device (default: the one fastai trains on)."""
+        seconds = time.perf_counter() - self.started
+        return {"run_time": duration(seconds), "ran_on": ran_on(device or default_device())}
+
+
+def ran_on(device: torch.device) -> str:
+    """The machine a chapter ran on, as its first lines name it."""
+    if device.type == "cuda":
+        return f"a GPU ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"the CPU ({threads} thread{'s' if threads != 1 else ''})"
