@@ -55,6 +55,17 @@ BROKEN_IMAGES_JS = """async () => {
           broken: images.filter(img => !img.naturalWidth || !img.naturalHeight)
                         .map(img => img.currentSrc || img.src || img.outerHTML)};
 }"""
+# The formulas MyST parsed, and how many of them the browser drew as MathML (with a size):
+# raw TeX left on a page is a problem.
+MATH_JS = """() => {
+  const formulas = [...document.querySelectorAll(".math.notranslate")];
+  const drawn = formulas.filter(f => {
+    const math = f.querySelector("math");
+    const box = math && math.getBoundingClientRect();
+    return box && box.width > 0 && box.height > 0;
+  });
+  return {raw: formulas.length, typeset: drawn.length};
+}"""
 
 
 @dataclass
@@ -63,6 +74,7 @@ class BrowserReport:
 
     problems: list[str] = field(default_factory=list)
     images: dict[str, int] = field(default_factory=dict)
+    formulas: dict[str, int] = field(default_factory=dict)  # typeset, per page
     screenshots: dict[str, Path] = field(default_factory=dict)
 
 
@@ -169,6 +181,7 @@ class PageVisit:
     problems: list[str]
     toc: list[str]
     images: int
+    formulas: int = 0  # typeset by MathJax
 
 
 def visit(context: Any, url: str, screenshot: Path | None = None) -> PageVisit:
@@ -185,6 +198,10 @@ def visit(context: Any, url: str, screenshot: Path | None = None) -> PageVisit:
         page.wait_for_load_state("networkidle")
         images = page.evaluate(BROKEN_IMAGES_JS)
         problems += [f"image with no natural size: {src}" for src in images["broken"]]
+        math = page.evaluate(MATH_JS)
+        if math["typeset"] < math["raw"]:
+            problems.append(f"{math['raw'] - math['typeset']} of {math['raw']} formulas not "
+                            "typeset (no MathML drawn)")
         links = page.eval_on_selector_all(TOC_LINKS, "links => links.map(a => a.href)")
         if screenshot is not None:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +212,7 @@ def visit(context: Any, url: str, screenshot: Path | None = None) -> PageVisit:
     finally:
         page.close()
     toc = list(dict.fromkeys(urldefrag(link).url for link in links))
-    return PageVisit(problems, toc, images["count"])
+    return PageVisit(problems, toc, images["count"], math["typeset"])
 
 
 def browse_book(index: Path, chapters: Sequence[str] | None = None, *, context: Any = None
@@ -223,6 +240,7 @@ def browse_book(index: Path, chapters: Sequence[str] | None = None, *, context: 
             seen = visit(context, base + name, shot)
             report.problems += [f"{name}: {problem}" for problem in seen.problems]
             report.images[name] = seen.images
+            report.formulas[name] = seen.formulas
             toc = seen.toc if name == index.name else toc
             if shot is not None:
                 report.screenshots[stem] = shot
@@ -269,19 +287,23 @@ def _png(seed: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _executed_chapter(path: Path, title: str, seed: int) -> None:
+def _executed_chapter(path: Path, title: str, seed: int, prose: str = "") -> None:
     """A chapter as papermill would leave it: prose, and a code cell that drew a figure."""
     figure = nbformat.v4.new_output("display_data", data={"image/png": _png(seed),
                                                           "text/plain": "<Figure>"})
     cell = nbformat.v4.new_code_cell("plot()", execution_count=1, outputs=[figure])
     notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_markdown_cell(f"# {title}\n\nA tiny chapter with one figure."), cell])
+        nbformat.v4.new_markdown_cell(f"# {title}\n\nA tiny chapter with one figure.{prose}"),
+        cell])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                        "language": "python"}
     nbformat.write(notebook, path)
 
 
 CHAPTERS = ("01_data_curation", "02_mae_pretraining")
+FORMULAS = ("\n\nThe loss is $\\mathcal{L}$, the mean over the hidden patches:\n\n"
+            "$$\\mathcal{L} = \\frac{1}{|M|} \\sum_{p \\in M} \\lVert \\hat{x}_p - x_p "
+            "\\rVert_2^2$$\n")
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +319,8 @@ def tiny_book(tmp_path_factory, browser) -> Path:
     root = tmp_path_factory.mktemp("browser")
     (root / "chapters").mkdir()
     for seed, stem in enumerate(CHAPTERS, start=1):
-        _executed_chapter(root / "chapters" / f"{stem}.ipynb", f"Chapter {seed}", seed)
+        _executed_chapter(root / "chapters" / f"{stem}.ipynb", f"Chapter {seed}", seed,
+                          FORMULAS if seed == 2 else "")
     stage_site(repo_root(), root / "chapters", root / "site")
     return render_site(root / "site")
 
@@ -307,6 +330,9 @@ def test_every_page_of_the_book_loads_cleanly_in_chromium(tiny_book, browser):
     assert {"index.html", "search.html", "genindex.html", "book/intro.html",
             "book/setup.html"} <= set(report.images)
     assert all(report.images[f"{HTML_CHAPTERS}/{stem}.html"] == 1 for stem in CHAPTERS)
+    # both formulas of chapter 2 drawn as MathML (no MathJax: no CDN is reachable)
+    assert report.formulas[f"{HTML_CHAPTERS}/{CHAPTERS[1]}.html"] == 2
+    assert report.formulas[f"{HTML_CHAPTERS}/{CHAPTERS[0]}.html"] == 0
     shots = tiny_book.parent.parent / "screenshots"
     assert report.screenshots == {stem: shots / f"{stem}.png" for stem in CHAPTERS}
     for shot in report.screenshots.values():
@@ -331,7 +357,9 @@ def test_the_checker_reports_what_a_broken_book_does(tmp_path, browser):
         "book/chapters/01_a.html": _page("a", toc, '<img src="../../_images/missing.png">'
                                          '<script src="https://cdn.example.org/x.js"></script>'
                                          '<script>throw new Error("boom")</script>'),
-        "book/chapters/02_b.html": _page("b", toc, "<p>no figure</p>"),
+        "book/chapters/02_b.html": _page("b", toc, '<p>no figure, and TeX that nothing '
+                                         'typesets: <span class="math notranslate">'
+                                         '\\(x^2\\)</span></p>'),
     }
     html = tmp_path / "html"
     for name, text in pages.items():
@@ -350,6 +378,7 @@ def test_the_checker_reports_what_a_broken_book_does(tmp_path, browser):
     assert "table of contents: link to no page of the book: http://127.0.0.1:" in problems
     assert "/book/gone.html\n" in problems
     assert "book/chapters/02_b.html: the chapter shows no image" in problems
+    assert "02_b.html: 1 of 1 formulas not typeset (no MathML drawn)" in problems
     assert not [p for p in report.problems if p.startswith("index.html")]
     assert report.screenshots == {stem: tmp_path / "screenshots" / f"{stem}.png"
                                   for stem in ("01_a", "02_b")}
