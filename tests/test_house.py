@@ -13,6 +13,7 @@ from pathlib import Path
 import papermill
 import pytest
 
+from cxr_lib.book.offline_math import mathml
 from cxr_lib.book.profiles import repo_root
 from cxr_lib.book.runner import chapter_notebooks, read_toc, toc_chapters
 
@@ -156,3 +157,20 @@ def test_every_cell_that_draws_hides_its_code():
              if ("plt.show()" in "".join(cell["source"]) or "_figure(" in "".join(cell["source"]))
              and "hide-input" not in cell["metadata"].get("tags", [])]
     assert not shown, f"cells that draw with their code shown: {shown}"
+
+
+def test_every_formula_of_the_chapters_is_written_as_mathml():
+    """The book draws formulas as MathML (cxr_lib.book.offline_math); one latex2mathml cannot
+    convert would stop the build, so each is converted here first."""
+    found = []
+    for path in notebooks():
+        prose = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
+                          if c["cell_type"] == "markdown")
+        display = re.findall(r"\$\$(.+?)\$\$", prose, flags=re.S)
+        inline = re.findall(r"(?<!\$)\$([^$\n]+)\$(?!\$)", re.sub(r"\$\$.+?\$\$", "", prose,
+                                                                   flags=re.S))
+        found += [(path.stem, tex, "block") for tex in display]
+        found += [(path.stem, tex, "inline") for tex in inline]
+    assert len({stem for stem, _, kind in found if kind == "block"}) >= 2, found
+    for _stem, tex, kind in found:
+        assert mathml(tex, kind).startswith("<math")
