@@ -141,17 +141,30 @@ def test_painter_words_map_the_shares_to_the_starts_of_the_ranking():
 
 
 def test_cocktail_words_name_each_source_and_the_other_domain():
-    table = pd.DataFrame({"what": ["synthetic chest phantoms", "lowres"],
+    table = pd.DataFrame({"source": ["phantom", "phantom-lowres"],
+                          "what": ["synthetic chest phantoms", "lowres"],
                           "training images": [1200, 40]})
     words = cocktail_words(table, "phantom")
     assert words["cocktail_sources"] == ("synthetic chest phantoms (1,200 images), lowres "
                                          "(40 images)")
     assert words["other_domain"].startswith("The chest images of this edition are themselves "
                                             "phantoms")
-    real = cocktail_words(table.iloc[:1], "chestxray14")
-    assert real["cocktail_sources"] == "synthetic chest phantoms (1,200 images)"
-    assert real["other_domain"] == ("Phantoms play the part of a different domain: drawn, not "
-                                    "X-rayed.")
+    nih = pd.DataFrame({"source": ["chestxray14", "phantom"],
+                        "what": ["NIH ChestX-ray14, adult chest X-rays", "synthetic phantoms"],
+                        "training images": [491, 71]})
+    assert cocktail_words(nih, "chestxray14")["other_domain"] == (
+        "Phantoms play the part of a different domain: drawn, not X-rayed.")
+    real = pd.DataFrame({"source": ["chestxray14", "pediatric"],
+                         "what": ["NIH ChestX-ray14, adult chest X-rays",
+                                  "pediatric chest X-rays (Kermany et al.)"],
+                         "training images": [491, 728]})
+    assert cocktail_words(real, "chestxray14")["other_domain"] == (
+        "The second domain is real: pediatric chest X-rays (Kermany et al.), X-rays of other "
+        "patients from another hospital.")
+    alone = cocktail_words(real.iloc[:1], "chestxray14")
+    assert alone["cocktail_sources"] == "NIH ChestX-ray14, adult chest X-rays (491 images)"
+    assert alone["other_domain"] == (
+        "This edition has no second domain: the chest images are its only source.")
     assert cocktail_words(table.iloc[:0], "chestxray14")["cocktail_sources"] == "no source"
 
 

@@ -74,17 +74,26 @@ def sources_figure(cache: Cache, sources: Sequence[str], per_source: int = 3) ->
 
 def cocktail_words(table: pd.DataFrame, chest: str) -> dict[str, str]:
     """The sources with their training images ("cocktail_sources") and what plays the other
-    domain ("other_domain"), which depends on whether the chest images are phantoms."""
+    domain ("other_domain"): the real sources beside the chest set, else phantoms (a blurrier
+    kind when the chest images are phantoms themselves)."""
     if not len(table):
         sources = "no source"
     else:
         sources = ", ".join(f"{r['what']} ({r['training images']:,} images)"
                             for _, r in table.iterrows())
-    return {"cocktail_sources": sources, "other_domain": (
-        "The chest images of this edition are themselves phantoms, so the second domain is a "
-        "blurrier kind of phantom: drawn at a quarter of the resolution and enlarged to the "
-        "cache size, as if from another scanner." if chest == PHANTOM else
-        "Phantoms play the part of a different domain: drawn, not X-rayed.")}
+    others = table[table["source"] != chest] if len(table) else table
+    if chest == PHANTOM:
+        other = ("The chest images of this edition are themselves phantoms, so the second "
+                 "domain is a blurrier kind of phantom: drawn at a quarter of the resolution and "
+                 "enlarged to the cache size, as if from another scanner.")
+    elif PHANTOM in set(others.get("source", [])):
+        other = "Phantoms play the part of a different domain: drawn, not X-rayed."
+    elif len(others):
+        other = (f"The second domain is real: {listed(list(others['what']))}, X-rays of other "
+                 "patients from another hospital.")
+    else:
+        other = "This edition has no second domain: the chest images are its only source."
+    return {"cocktail_sources": sources, "other_domain": other}
 
 
 def share_arms(sources: Sequence[str], chest: str, shares: Sequence[float]

@@ -45,12 +45,13 @@ def cocktail_sources(chest: XrayDataset, *, pediatric_root: str | Path | None = 
                      chexpert_root: str | Path | None = None,
                      covid_root: str | Path | None = None, n_phantoms: int = 1000,
                      phantom_size: int = 128, seed: int = 0) -> list[XrayDataset]:
-    """The chest set first, then every other source given, then a synthetic other domain.
+    """The chest set first, then every other source given; a synthetic other domain only when
+    no other real source is given, so that the mix always holds a second domain.
 
     Real sources: the pediatric pneumonia folders, CheXpert, the COVID-19 Radiography Database.
     The synthetic domain is phantoms when the chest set is real; when the chest set is itself
     phantoms, it is phantoms drawn at a quarter of the resolution and enlarged by the cache (a
-    blurrier "scanner"), so the mix always holds a second domain.
+    blurrier "scanner").
     """
     sources = [chest]
     if pediatric_root:
@@ -59,6 +60,8 @@ def cocktail_sources(chest: XrayDataset, *, pediatric_root: str | Path | None = 
         sources.append(read_source("chexpert", chexpert_root, seed=seed))
     if covid_root:
         sources.append(read_source("covid19_radiography", covid_root, seed=seed))
+    if len(sources) > 1:
+        return sources
     if PHANTOM in chest.meta["source"].to_numpy():
         sources.append(read_source("phantom", n=n_phantoms, size=max(16, phantom_size // 4),
                                    seed=seed + 1, name=LOWRES))
