@@ -4,7 +4,14 @@ import torch
 from fastai.torch_core import default_device, defaults
 from samples import sample
 
-from cxr_lib.chapters.setup import ChapterClock, chapter_cache, chapter_dataset, images_used, ran_on
+from cxr_lib.chapters.setup import (
+    ChapterClock,
+    chapter_cache,
+    chapter_dataset,
+    image_noun,
+    images_used,
+    ran_on,
+)
 from cxr_lib.device import resolve_device
 
 
@@ -77,3 +84,13 @@ def test_a_chapter_says_how_long_it_ran_and_on_what(monkeypatch):
     assert ran_on(torch.device("cpu")) == "the CPU (2 threads)"
     clock.started -= 125
     assert clock.words(torch.device("cpu"))["run_time"] == "2 min 05 s"
+
+
+def test_a_figure_calls_phantoms_phantoms(tmp_path, monkeypatch):
+    cache = chapter_cache(tmp_path, chapter_dataset(None, n_phantoms=6, phantom_size=32), 16)
+    assert image_noun(cache) == "phantom"
+    real = cache.index.assign(source="chestxray14")
+    monkeypatch.setattr(cache, "index", real)
+    assert image_noun(cache) == "X-ray"
+    monkeypatch.setattr(cache, "index", real.assign(source=["chestxray14", "phantom"] * 3))
+    assert image_noun(cache) == "image"

@@ -31,6 +31,7 @@ from cxr_lib.augment.views import MocoAugment
 from cxr_lib.chapters.files import encoder_path
 from cxr_lib.chapters.plots import image_grid
 from cxr_lib.chapters.sentences import span
+from cxr_lib.chapters.setup import image_noun
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.moco import (
@@ -102,7 +103,7 @@ def views_figure(cache: Cache, augment: MocoAugment, rows: Sequence[int], seed: 
         cells += [plain[i], *[to_u8(v, augment)[i] for v in views]]
         titles += ["image", *[f"view {j + 1}" for j in range(len(views))]]
     return image_grid(cells, titles, ncols=1 + len(views),
-                      suptitle="Random views of the same X-ray")
+                      suptitle=f"Random views of the same {image_noun(cache)}")
 
 
 def crops_figure(image: np.ndarray, moco_scale: Sequence[float], mae_scale: Sequence[float],

@@ -51,8 +51,18 @@ def images_used(cache: Cache, *roots: str | Path | None) -> str:
     shipped = [Path(r).resolve() for r in roots if r]
     shipped = shipped and all(r.is_relative_to(samples_root().resolve()) for r in shipped)
     where = " (the samples shipped with the project)" if shipped else ""
-    fake = " — drawn, not X-rays" if set(counts.index) <= {"phantom", "phantom-lowres"} else ""
+    fake = " — drawn, not X-rays" if set(counts.index) <= PHANTOMS else ""
     return f"{names(parts)}{where}, cached at {cache.size} px{fake}"
+
+
+PHANTOMS = {"phantom", "phantom-lowres"}  # the sources that are drawn, not X-rayed
+
+
+def image_noun(cache: Cache) -> str:
+    """What a figure title calls one of the cache's images: "X-ray", "phantom" (when every
+    image is drawn), or "image" for a mix of both."""
+    sources = set(cache.index["source"])
+    return "phantom" if sources <= PHANTOMS else "X-ray" if not sources & PHANTOMS else "image"
 
 
 class ChapterClock:
