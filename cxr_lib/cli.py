@@ -11,16 +11,19 @@ from pathlib import Path
 from cxr_lib.bench.options import add_bench_arguments
 from cxr_lib.data.sources import SOURCES
 
+SHARED = "shared"  # the profile's section of values every chapter receives (seed, device, ...)
+
 
 class _Settings:
     """The one way an option is resolved: the flag where given, else the profile's value in
-    `section`, else the default. A flag left out is absent from `args` (argparse.SUPPRESS), so
-    a given `none` (None) is a value; a required setting that stays None is named by `check`.
+    `section` (`SHARED`: its shared values), else the default. A flag left out is absent from
+    `args` (argparse.SUPPRESS), so a given `none` (None) is a value; a required setting that
+    stays None is named by `check`.
     """
 
     def __init__(self, args: argparse.Namespace, profile, section: str):
         self.args, self.profile, self.section = args, profile, section
-        self.values = profile.chapters.get(section, {})
+        self.values = profile.shared if section == SHARED else profile.chapters.get(section, {})
         self.missing: list[str] = []
 
     def __call__(self, name: str, key: str | None = None, default=None, *,
@@ -102,7 +105,7 @@ def _mae_recipe_and_config(args: argparse.Namespace):
     optimiser = {name: value(name, required=True)
                  for name in ("epochs", "batch_size", "base_lr", "warmup_epochs")}
     value.check()
-    config = TrainConfig(**optimiser, seed=profile.shared.get("seed", 0),
+    config = TrainConfig(**optimiser, seed=_seed(args, profile),
                          **_engine_settings(args))
     return profile, recipe, config
 
@@ -158,7 +161,7 @@ def _moco_recipe_and_config(args: argparse.Namespace):
                         bn_splits=values["bn_splits"], in_chans=values["in_chans"])
     config = moco_config(values["epochs"], values["batch_size"], base_lr=values["base_lr"],
                          warmup_epochs=values["warmup_epochs"],
-                         seed=profile.shared.get("seed", 0), **_engine_settings(args))
+                         seed=_seed(args, profile), **_engine_settings(args))
     knn = KnnSettings(k=values["knn_k"], every=values["knn_every"],
                       max_images=values["knn_images"])
     return profile, recipe, config, knn
@@ -180,8 +183,26 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
     _exit_if_diverged(pretrained.run)
 
 
+def _seed(args: argparse.Namespace, profile) -> int:
+    """`--seed`, else the profile's shared seed, else 0."""
+    from cxr_lib.data.core import check_whole
+
+    return check_whole("seed", _Settings(args, profile, SHARED)("seed", default=0), 0)
+
+
+def _add_run_arguments(cmd: argparse.ArgumentParser, *, seed: bool = True) -> None:
+    """`--threads` (and `--seed`) of every command that trains or evaluates."""
+    if seed:
+        cmd.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                         help="seed of the weights, draws and batches (default: the profile's "
+                         "shared seed, else 0)")
+    cmd.add_argument("--threads", type=int, help="CPU threads for torch (default: one core "
+                     "fewer than the machine has, at least 1; printed first)")
+
+
 def _add_engine_arguments(cmd: argparse.ArgumentParser) -> None:
     """Options of the training engine that every training command shares."""
+    _add_run_arguments(cmd)
     cmd.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value "
                      "(off by default; a remedy for a diverging run)")
     cmd.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default "
@@ -241,7 +262,7 @@ def _recipe_and_config(args: argparse.Namespace):
         warmup_epochs=value("warmup_epochs", "warmup_epochs", paper.warmup_epochs),
         batch_size=value("batch_size", "batch_size", paper.batch_size),
         base_lr=value("base_lr", "base_lr", paper.base_lr),
-        min_lr=value("min_lr", "min_lr", paper.min_lr), seed=profile.shared.get("seed", 0),
+        min_lr=value("min_lr", "min_lr", paper.min_lr), seed=_seed(args, profile),
         **_engine_settings(args))
     return profile, recipe, config
 
@@ -377,6 +398,7 @@ def add_evaluate_command(groups: argparse._SubParsersAction) -> None:
     ev.add_argument("--normalise", type=float, nargs=2, metavar=("MEAN", "STD"),
                     help="pixel statistics in 0..1 (default theirs, 0.5056 0.252)")
     ev.add_argument("--batch-size", type=int, default=128)
+    _add_run_arguments(ev, seed=False)  # nothing drawn: the same file scores the same AUCs
     ev.set_defaults(func=_evaluate)
 
 
@@ -516,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if "threads" in vars(args):  # before any work: torch's default may crawl (device.py)
+            from cxr_lib.device import use_threads
+
+            print(f"threads: {use_threads(args.threads)}")
         args.func(args)
     except Exception as err:  # a clear one-line message on the command line, not a traceback
         from cxr_lib.book.runner import BookError

@@ -233,3 +233,51 @@ def test_another_root_with_the_same_files_is_still_another_request(tmp_path):
     with pytest.raises(SystemExit, match=f"different request \\(path at row 0 is "
                                          f"'{first}/.*', requested '{other}/"):
         main([*prepare, str(other)])
+
+
+def test_seed_follows_the_flag_then_the_profiles_shared_seed_then_zero(tmp_path):
+    import yaml
+
+    from cxr_lib.book.profiles import load_profile
+    from cxr_lib.cli import _moco_recipe_and_config, build_parser
+
+    data = yaml.safe_load(load_profile("cpu").path.read_text())
+    data["shared"]["seed"] = 7
+    seven = tmp_path / "seven.yaml"
+    seven.write_text(yaml.safe_dump(data))
+    del data["shared"]["seed"]
+    none = tmp_path / "none.yaml"
+    none.write_text(yaml.safe_dump(data))
+    for profile, flag, expected in ((seven, [], 7), (seven, ["--seed", "2"], 2), (none, [], 0)):
+        options = ["--profile", str(profile), *flag]
+        assert _mae_recipe(*options)[1].seed == expected
+        assert _finetune_recipe(*options)[1].seed == expected
+        args = build_parser().parse_args(["pretrain", "moco", "--data", "unused", *options])
+        assert _moco_recipe_and_config(args)[2].seed == expected
+    with pytest.raises(SystemExit, match=r"^cxr: error: seed must be a whole number >= 0, "
+                                         r"got -1 \(ValueError at "):
+        main(["pretrain", "mae", "--data", str(tmp_path), "--seed", "-1", "--threads", "1"])
+
+
+def test_threads_default_to_a_core_fewer_and_are_set_before_any_work(tmp_path, capsys,
+                                                                    monkeypatch):
+    import torch
+
+    from cxr_lib.device import default_threads
+
+    before = torch.get_num_threads()
+    try:
+        for cores, expected in ((2, 1), (1, 1), (None, 1), (16, 15)):
+            monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+            assert default_threads() == expected
+        monkeypatch.setattr("os.cpu_count", lambda: 2)  # the shared 2-core machine
+        with pytest.raises(SystemExit, match="^cxr: error: "):  # no cache there
+            main(["evaluate", "--data", str(tmp_path / "absent"), "--weights", "w.pt",
+                  "--model", "densenet121"])
+        assert capsys.readouterr().out.splitlines()[0] == "threads: 1"
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit, match=r"^cxr: error: threads must be a whole number "
+                                             r">= 1, got 0 \(ValueError at device\.py:\d+\)$"):
+            main(["finetune", "--data", str(tmp_path), "--threads", "0"])
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,7 @@
 """The training commands as a user runs them: progress bars on, a real kill -9 and the same
 command again, a blow-up, and arguments that must be refused before anything is written."""
 
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +100,22 @@ def test_a_truncated_checkpoint_of_a_finished_run_is_named(phantoms, tmp_path):
     (run / runs.CHECKPOINT).write_bytes(data[:len(data) // 3])
     with pytest.raises(SystemExit, match=rf"^cxr: error: {run}/last.pt: unreadable checkpoint"):
         main(command)
+
+
+def test_seed_names_the_run_and_threads_do_not(phantoms, tmp_path, capsys):
+    """--seed is part of the run's identity; --threads changes how, not what: the same run."""
+    command = [*MAE, "--data", str(phantoms), "--epochs", "1", "--runs", str(tmp_path)]
+    try:
+        main([*command, "--seed", "3", "--threads", "2"])
+        first = capsys.readouterr().out
+        assert first.splitlines()[0] == "threads: 2" and torch.get_num_threads() == 2
+        (run,) = tmp_path.glob("mae-*")
+        assert json.loads((run / runs.CONFIG).read_text())["seed"] == 3
+        main([*command, "--seed", "3", "--threads", "1"])
+        again = capsys.readouterr().out
+        assert again.splitlines()[0] == "threads: 1" and torch.get_num_threads() == 1
+        assert f"loaded the finished run {run}" in again
+        main([*command, "--seed", "4", "--threads", "1"])
+        assert len(list(tmp_path.glob("mae-*"))) == 2  # another seed, another run
+    finally:
+        torch.set_num_threads(1)
