@@ -66,10 +66,13 @@ def test_real_sample(pediatric):
     assert ds.meta["class_name"].value_counts().to_dict() == {"NORMAL": 403, "PNEUMONIA": 403}
     np.testing.assert_array_equal(ds.labels[:, 0], (ds.meta["class_name"] == "PNEUMONIA"))
     assert ds.meta["subtype"].value_counts().to_dict() == {"": 403, "bacteria": 271, "virus": 132}
-    assert set(ds.meta["split"]) == {"train", "val"}  # the sample has no test folder
+    # the sample has no test folder: test (20%), then val (10%) drawn by patient
+    assert set(ds.meta["split"]) == {"train", "val", "test"}
     ds.check_patient_disjoint()
     patients = ds.meta.groupby("split")["patient"].nunique()
-    assert patients["val"] == round(0.1 * ds.meta["patient"].nunique())
+    total = ds.meta["patient"].nunique()
+    assert patients["test"] == round(0.2 * total)
+    assert patients["val"] == round(0.1 / 0.8 * (total - patients["test"]))
     assert (ds.meta["source"] == "pediatric").all() and ds.name == "pediatric"
     assert ds.meta["id"].is_unique and ds.meta["id"][0].startswith("pediatric/train/NORMAL/")
     img = ds.load_image(int(np.argmax(ds.labels[:, 0])))
@@ -126,7 +129,7 @@ def test_kermany_patients_splits_and_subtypes(tmp_path):
 def test_several_classes_and_spelling(tmp_path):
     root = make_folders(tmp_path / "mix", ["train/normal/a.png", "train/Covid/b.png",
                                            "train/EFFUSION/c.png", "train/pneumonia/d.png"])
-    ds = read_class_folders(root, val_fraction=0.0, name="mix")
+    ds = read_class_folders(root, val_fraction=0.0, test_fraction=0.0, name="mix")
     assert ds.findings == ["Covid", "Effusion", "Pneumonia"]  # FINDINGS spelling where it exists
     expected = {"normal": [0, 0, 0], "Covid": [1, 0, 0], "EFFUSION": [0, 1, 0],
                 "pneumonia": [0, 0, 1]}
@@ -199,3 +202,33 @@ def test_corrupt_image_fails_at_decode(tmp_path):
     assert ds.load_image(0).shape == (6, 9)
     with pytest.raises(DataError, match="person1_virus_1.jpeg: cannot decode image"):
         ds.load_image(1)
+
+
+def test_without_a_test_folder_a_test_split_is_drawn_by_patient(pediatric):
+    """The shipped sample holds train/ only; its test split is drawn by patient, the share
+    asked for, the same for the same seed, and test_fraction 0 gives the former two splits."""
+    root = sample("pediatric-pneumonia-sample")
+    total = pediatric.meta["patient"].nunique()
+    for fraction in (0.2, 0.3):
+        ds = read_class_folders(root, test_fraction=fraction, seed=5)
+        ds.check_patient_disjoint()  # train, val and test share no child
+        test = ds.meta.loc[ds.meta["split"] == "test", "patient"].nunique()
+        assert test == round(fraction * total)
+        assert abs((ds.meta["split"] == "test").mean() - fraction) < 0.05  # of the images too
+        again = read_class_folders(root, test_fraction=fraction, seed=5)
+        np.testing.assert_array_equal(again.meta["split"], ds.meta["split"])
+    other = read_class_folders(root, seed=6)
+    assert not np.array_equal(other.meta["split"], pediatric.meta["split"])
+    two = read_class_folders(root, test_fraction=0.0)
+    assert set(two.meta["split"]) == {"train", "val"}
+    assert two.meta.groupby("split")["patient"].nunique()["val"] == round(0.1 * total)
+    with pytest.raises(DataError, match="with a sum below 1, got 0.5 and 0.5"):
+        read_class_folders(root, val_fraction=0.5, test_fraction=0.5)
+
+
+def test_an_official_test_folder_ignores_the_test_fraction(tmp_path):
+    root = make_folders(tmp_path / "Kids", KERMANY)
+    ds = read_class_folders(root, val_fraction=0.5)
+    for fraction in (0.0, 0.4):
+        other = read_class_folders(root, val_fraction=0.5, test_fraction=fraction)
+        np.testing.assert_array_equal(other.meta["split"], ds.meta["split"])

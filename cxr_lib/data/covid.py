@@ -43,7 +43,7 @@ from cxr_lib.data.core import (
     read_image_row,
 )
 from cxr_lib.data.folder import IMAGE_SUFFIXES
-from cxr_lib.data.splits import patient_split
+from cxr_lib.data.splits import three_way_split
 
 DOWNLOAD_PAGE = "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database"
 FINDINGS: tuple[str, ...] = ("COVID-19", "Lung Opacity", "Pneumonia")
@@ -113,18 +113,3 @@ def list_images(root: Path) -> list[tuple[Path, str]]:
             raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
         files += [(path, class_dir.name) for path in images]
     return files
-
-
-def three_way_split(patients: pd.Series, val_fraction: float, test_fraction: float,
-                    seed: int) -> np.ndarray:
-    """'train', 'val' or 'test' for each row: `test_fraction` of the distinct patients drawn
-    for test, then `val_fraction` of all of them drawn from the rest for val (two draws of
-    `patient_split`, so the same guarantees hold). Returns a str array [N]."""
-    if min(val_fraction, test_fraction) < 0.0 or val_fraction + test_fraction >= 1.0:
-        raise DataError(f"val_fraction and test_fraction must be >= 0 with a sum below 1, got "
-                        f"{val_fraction} and {test_fraction}")
-    split = patient_split(patients, test_fraction, seed).astype(object)  # [N] train/val
-    split[split == "val"] = "test"
-    rest = split == "train"
-    split[rest] = patient_split(patients[rest], val_fraction / (1.0 - test_fraction), seed)
-    return split.astype(str)

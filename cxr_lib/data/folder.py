@@ -7,7 +7,9 @@ Each class folder other than NORMAL becomes a finding, spelled as in ChestX-ray1
 names match case-insensitively ("PNEUMONIA" -> "Pneumonia"), so that merging with NIH puts both
 sources' pneumonia labels in one column; NORMAL images are all zeros. The official test folder
 stays the test split. The train and (tiny, 16-image) val folders are pooled and re-split by
-patient, because the official val folder is not patient-disjoint by construction.
+patient, because the official val folder is not patient-disjoint by construction. A root without
+test images (the shipped sample holds train/ only) gets a test split drawn by patient too:
+`test_fraction` of the patients, then `val_fraction` of them from the rest for validation.
 
 The full Kermany release reuses patient numbers between its folders (`train/PNEUMONIA/
 person1_bacteria_1.jpeg` and `test/PNEUMONIA/person1_virus_6.jpeg`), and its image counters
@@ -35,7 +37,7 @@ from cxr_lib.data.core import (
     data_root,
     read_image_row,
 )
-from cxr_lib.data.splits import patient_split
+from cxr_lib.data.splits import patient_split, three_way_split
 
 NORMAL = "normal"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -47,13 +49,16 @@ _SUBTYPE = re.compile(r"(bacteria|virus)", re.IGNORECASE)
 _LOG = logging.getLogger(__name__)
 
 
-def read_class_folders(root: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
+def read_class_folders(root: str | Path, *, val_fraction: float = 0.1,
+                       test_fraction: float = 0.2, seed: int = 0,
                        name: str | None = None) -> XrayDataset:
     """A folder-per-class data set as an XrayDataset over its non-normal classes.
 
     meta extras: class_name (the class folder), subtype (bacteria/virus where the file name
     says, else ""). The source and dataset name default to the root folder's name, lower-cased.
     Patients come from Kermany file names; any other file counts as its own patient.
+    `test_fraction` is used only where the root holds no test images (see the module's
+    docstring); `val_fraction` is then a share of all the patients, else of the pooled ones.
     """
     if root is None:
         raise DataError("folder: no data root given")
@@ -76,7 +81,10 @@ def read_class_folders(root: str | Path, *, val_fraction: float = 0.1, seed: int
     labels = _one_hot(meta["class_name"], classes, findings)
     meta, labels, left_out = _leave_out_test_patients(meta, labels, source)
     pool = (meta["split"] != "test").to_numpy()
-    meta.loc[pool, "split"] = patient_split(meta["patient"][pool], val_fraction, seed)
+    if pool.all():  # no test images: test, then validation, drawn by patient
+        meta["split"] = three_way_split(meta["patient"], val_fraction, test_fraction, seed)
+    else:
+        meta.loc[pool, "split"] = patient_split(meta["patient"][pool], val_fraction, seed)
     check_patient_disjoint(meta, source)
     meta = meta[[*META_COLUMNS, "class_name", "subtype"]]
     meta.attrs[source] = left_out

@@ -43,7 +43,7 @@ _SPLIT = ("val_fraction", "seed", "name")
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("chestxray14", "cxr_lib.data.nih:read_chestxray14",
            ("val_fraction", "seed", "split_lists")),
-    Source("folder", "cxr_lib.data.folder:read_class_folders", _SPLIT),
+    Source("folder", "cxr_lib.data.folder:read_class_folders", (*_SPLIT, "test_fraction")),
     Source("chexpert", "cxr_lib.data.chexpert:read_chexpert",
            (*_SPLIT, "uncertain", "frontal_only")),
     Source("covid19_radiography", "cxr_lib.data.covid:read_covid_radiography",

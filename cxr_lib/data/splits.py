@@ -1,4 +1,4 @@
-"""Patient-level validation splits.
+"""Patient-level validation (and test) splits.
 
 Images of one patient are strongly correlated (follow-ups, the same anatomy), so a validation
 set drawn by image would leak patients from training into validation and flatter every metric.
@@ -36,3 +36,18 @@ def _val_count(n_patients: int, val_fraction: float) -> int:
     if val_fraction == 0.0 or n_patients < 2:
         return 0
     return min(max(round(val_fraction * n_patients), 1), n_patients - 1)
+
+
+def three_way_split(patients: pd.Series, val_fraction: float, test_fraction: float,
+                    seed: int) -> np.ndarray:
+    """'train', 'val' or 'test' for each row: `test_fraction` of the distinct patients drawn
+    for test, then `val_fraction` of all of them drawn from the rest for val (two draws of
+    `patient_split`, so the same guarantees hold). Returns a str array [N]."""
+    if min(val_fraction, test_fraction) < 0.0 or val_fraction + test_fraction >= 1.0:
+        raise DataError(f"val_fraction and test_fraction must be >= 0 with a sum below 1, got "
+                        f"{val_fraction} and {test_fraction}")
+    split = patient_split(patients, test_fraction, seed).astype(object)  # [N] train/val
+    split[split == "val"] = "test"
+    rest = split == "train"
+    split[rest] = patient_split(patients[rest], val_fraction / (1.0 - test_fraction), seed)
+    return split.astype(str)
