@@ -52,12 +52,16 @@ class _Settings:
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
-    from cxr_lib.data import open_source
     from cxr_lib.data.cache import prepare_cache
+    from cxr_lib.data.sources import open_sources, pair_roots
 
-    dataset = open_source(args.source, args.root, val_fraction=args.val_fraction,
-                          seed=args.seed, count=args.count, size=args.size,
-                          split_lists=args.split_lists)
+    roots = args.root or []
+    # one source takes the root as given (none, or one a phantom ignores); several, one each
+    pairs = ([(args.source[0], roots[0] if roots else None)] if len(args.source) == 1 and
+             len(roots) <= 1 else pair_roots(args.source, roots))
+    dataset = open_sources(pairs, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, seed=args.seed, count=args.count,
+                           size=args.size, split_lists=args.split_lists)
     cache = prepare_cache(dataset, args.out, size=args.size, workers=args.workers)
     print(cache.summary())
 
@@ -419,14 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = groups.add_parser("data", help="prepare and check preprocessing caches")
     data_cmds = data.add_subparsers(dest="command", required=True)
-    prep = data_cmds.add_parser("prepare", help="decode a data source once into a uint8 cache")
-    prep.add_argument("--source", required=True, choices=list(SOURCES))
-    prep.add_argument("--root", type=Path, help="data set root (not used for phantoms)")
+    prep = data_cmds.add_parser("prepare", help="decode one data source, or several merged, "
+                                "once into a uint8 cache")
+    prep.add_argument("--source", required=True, choices=list(SOURCES), action="append",
+                      help="repeatable: several sources go into one cache, each image keeping "
+                      "its source")
+    prep.add_argument("--root", type=Path, action="append", help="data set root, one after "
+                      "each --source that reads files (phantoms take none)")
     prep.add_argument("--size", type=int, default=256, help="side of the square images")
     prep.add_argument("--out", type=Path, required=True, help="cache folder to write")
     prep.add_argument("--workers", type=int, default=None, help="decoding processes")
     prep.add_argument("--val-fraction", type=float, default=0.1,
                       help="share of train/val patients drawn for validation")
+    prep.add_argument("--test-fraction", type=float, help="share of the patients drawn for "
+                      "test where a source draws one (folder: only where the root has no test "
+                      "images, default 0.2; covid19_radiography: default 0.1)")
     prep.add_argument("--split-lists", type=Path, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                       help="chestxray14: the splits of these lists (Xiao et al.'s "
                       "train_official.txt val_official.txt test_official.txt format) instead "

@@ -281,3 +281,70 @@ def test_threads_default_to_a_core_fewer_and_are_set_before_any_work(tmp_path, c
             main(["finetune", "--data", str(tmp_path), "--threads", "0"])
     finally:
         torch.set_num_threads(before)
+
+
+def test_several_sources_go_into_one_cache_each_image_keeping_its_source(tmp_path, capsys):
+    from cxr_lib.data.core import FINDINGS
+    from cxr_lib.data.folder import read_class_folders
+
+    nih_root, ped_root = sample("nih-cxr14-sample"), sample("pediatric-pneumonia-sample")
+    out = tmp_path / "both"
+    main(["data", "prepare", "--source", "chestxray14", "--root", str(nih_root),
+          "--source", "folder", "--root", str(ped_root), "--test-fraction", "0.25",
+          "--size", "32", "--out", str(out), "--workers", "2"])
+    assert f"{621 + 806} images of 32x32" in capsys.readouterr().out
+    cache = open_cache(out)
+    assert cache.name == "chestxray14+pediatric-pneumonia-sample"
+    counts = cache.index.groupby(["source", "split"]).size()
+    nih = counts["chestxray14"]
+    assert nih.sum() == 621 and nih["test"] == 75  # the official test list, untouched
+    expected = read_class_folders(ped_root, test_fraction=0.25).meta["split"].value_counts()
+    ped = counts["pediatric-pneumonia-sample"]
+    assert ped.sum() == 806 and ped.to_dict() == expected.to_dict()
+    assert cache.index.groupby(["source", "patient"])["split"].nunique().max() == 1
+    assert cache.findings == list(FINDINGS)  # the pediatric Pneumonia joins NIH's column
+    is_ped = (cache.index["source"] == "pediatric-pneumonia-sample").to_numpy()
+    pneumonia = cache.labels[:, FINDINGS.index("Pneumonia")]
+    assert pneumonia[is_ped].sum() == 403 and pneumonia[~is_ped].sum() == 32
+    assert np.isnan(np.delete(cache.labels[is_ped], FINDINGS.index("Pneumonia"), 1)).all()
+
+
+def test_several_sources_pair_roots_in_order_and_phantoms_take_none(tmp_path):
+    peds = copy_pediatric(tmp_path / "peds")
+    out = tmp_path / "mix"
+    main(["data", "prepare", "--source", "phantom", "--source", "folder", "--root", str(peds),
+          "--count", "10", "--size", "16", "--out", str(out), "--workers", "1"])
+    cache = open_cache(out)
+    assert cache.index["source"].value_counts().to_dict() == {"phantom": 10, "peds": 6}
+    assert cache.name == "phantom+peds"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--source", "folder", "--source", "phantom"],
+     r"sources folder, phantom read 1 root\(s\) \(folder\), 0 given: give one --root"),
+    (["--source", "chestxray14", "--root", "A", "--source", "folder"],
+     r"sources chestxray14, folder read 2 root\(s\) \(chestxray14, folder\), 1 given"),
+    (["--source", "phantom", "--source", "phantom"], r"sources phantom given twice"),
+    (["--source", "phantom", "--test-fraction", "1"], r"test_fraction must be in \[0, 1\)"),
+])
+def test_sources_that_do_not_pair_are_a_one_line_error(tmp_path, options, message):
+    with pytest.raises(SystemExit, match=f"^cxr: error: {message}"):
+        main(["data", "prepare", *options, "--count", "4", "--size", "16",
+              "--out", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_without_test_images_gets_a_patient_disjoint_test_split(tmp_path, capsys):
+    root = sample("pediatric-pneumonia-sample")
+    prepare = ["data", "prepare", "--source", "folder", "--root", str(root), "--size", "16",
+               "--workers", "2", "--out"]
+    main([*prepare, str(tmp_path / "a"), "--test-fraction", "0.3", "--seed", "1"])
+    main([*prepare, str(tmp_path / "b"), "--test-fraction", "0.3", "--seed", "1"])
+    main([*prepare, str(tmp_path / "c")])  # the reader's default share, 0.2
+    a, b, c = (open_cache(tmp_path / name) for name in "abc")
+    np.testing.assert_array_equal(a.index["split"], b.index["split"])  # the same seed
+    for cache, fraction in ((a, 0.3), (c, 0.2)):
+        patients = cache.index.groupby("split")["patient"].nunique()
+        assert patients["test"] == round(fraction * cache.index["patient"].nunique())
+        assert cache.index.groupby("patient")["split"].nunique().max() == 1
+    assert "test" in capsys.readouterr().out  # the summary's split columns
