@@ -305,6 +305,52 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(published.to_string(index=False))
 
 
+def _probe(args: argparse.Namespace) -> None:
+    import pandas as pd
+    import torch
+    from fastai.torch_core import default_device
+
+    from cxr_lib.book.profiles import load_profile
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.device import resolve_device
+    from cxr_lib.methods.finetune import label_subset
+    from cxr_lib.methods.mae import load_encoder
+    from cxr_lib.methods.moco import load_backbone
+    from cxr_lib.methods.probe import probe_cache
+
+    if not 0 < args.train_fraction <= 1:
+        raise ValueError(f"train_fraction must lie in (0, 1], got {args.train_fraction}")
+    profile = load_profile(args.profile)
+    resolve_device(profile.shared.get("device", "auto"))
+    seed = _seed(args, profile)
+    cache = open_cache(args.data)
+    # a MoCo file names its backbone; an MAE file holds its recipe alone
+    saved = torch.load(args.encoder, map_location="cpu", weights_only=True) \
+        if args.encoder.is_file() else {}
+    encoder, augment = (load_backbone if "backbone" in saved else load_encoder)(args.encoder)
+    rows = label_subset(cache, args.train_fraction, seed)
+    splits = ("val", "test")
+    results = probe_cache(encoder, augment.plain, cache, rows, splits,
+                          max_images=args.max_images, batch_size=args.batch_size,
+                          device=default_device())
+    kind = f"MoCo {saved['backbone']}" if "backbone" in saved else "MAE"
+    used = cache.index.iloc[rows[:args.max_images]]  # the rows probe_cache fits on
+    patients = len(used[["source", "patient"]].drop_duplicates())
+    print(f"{args.encoder} ({kind}): linear probe fitted on {len(used):,} train images of "
+          f"{patients:,} patients (train fraction {args.train_fraction:g}, seed {seed})")
+    for split in splits:
+        print(f"{split} mean AUC {results[split].mean_auc:.4f} on {results[split].n_val:,} "
+              "images")
+    table = pd.DataFrame({split: results[split].per_finding for split in splits})
+    table = table.reindex([f for f in cache.findings if f in table.index]) * 100
+    print("per-finding AUC (%)")
+    print(table.rename_axis("finding").reset_index().round(2).to_string(index=False))
+    for split in splits:
+        if results[split].skipped:
+            print(f"not scored on {split} (one class only among its or train's labels): "
+                  f"{', '.join(results[split].skipped)}")
+
+
 def _grid(args: argparse.Namespace) -> None:
     import yaml
 
@@ -404,6 +450,26 @@ def add_evaluate_command(groups: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=128)
     _add_run_arguments(ev, seed=False)  # nothing drawn: the same file scores the same AUCs
     ev.set_defaults(func=_evaluate)
+
+
+def add_probe_command(groups: argparse._SubParsersAction) -> None:
+    """`cxr probe`: a saved encoder's frozen features, a linear probe, AUC on val and test."""
+    probe = groups.add_parser(
+        "probe", help="linear probe of a saved encoder (`cxr pretrain mae --save` or `cxr "
+        "pretrain moco --save`): logistic regressions on the train split's frozen features, "
+        "mean and per-finding AUC on the val and test splits")
+    probe.add_argument("--encoder", type=Path, required=True, help="the saved encoder file")
+    probe.add_argument("--data", type=Path, required=True, help="a cache from `cxr data "
+                       "prepare`")
+    probe.add_argument("--profile", default="cpu", help="profile name or YAML path (its "
+                       "device and shared seed)")
+    probe.add_argument("--train-fraction", type=float, default=1.0,
+                       help="share of the training patients whose labels the probe uses")
+    probe.add_argument("--max-images", type=int, default=20_000,
+                       help="images per split at most (the first)")
+    probe.add_argument("--batch-size", type=int, default=128)
+    _add_run_arguments(probe)
+    probe.set_defaults(func=_probe)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -538,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     moco.set_defaults(func=_pretrain_moco)
     add_finetune_commands(groups)
     add_evaluate_command(groups)
+    add_probe_command(groups)
     bench = groups.add_parser(
         "bench", help="images/s of the papers' PNG + torchvision pipeline, the study's engine "
         "and the model step alone, with FLOPs, share of peak and memory (book/performance.md)")
@@ -552,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         if "threads" in vars(args):  # before any work: torch's default may crawl (device.py)
             from cxr_lib.device import use_threads
 
-            print(f"threads: {use_threads(args.threads)}")
+            print(f"threads: {use_threads(args.threads)}", flush=True)
         args.func(args)
     except Exception as err:  # a clear one-line message on the command line, not a traceback
         from cxr_lib.book.runner import BookError

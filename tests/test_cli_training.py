@@ -119,3 +119,85 @@ def test_seed_names_the_run_and_threads_do_not(phantoms, tmp_path, capsys):
         assert len(list(tmp_path.glob("mae-*"))) == 2  # another seed, another run
     finally:
         torch.set_num_threads(1)
+
+
+def _probe_numbers(output: str) -> dict[str, float]:
+    """{"val": mean AUC, "test": mean AUC} as `cxr probe` prints them."""
+    return {line.split()[0]: float(line.split()[3]) for line in output.splitlines()
+            if " mean AUC " in line}
+
+
+def test_probe_scores_a_saved_encoder_as_the_trained_model_scores(phantoms, tmp_path, capsys):
+    """`cxr probe` reads the file `--save` wrote: the AUCs of the encoder in memory, on the
+    val and the test split, and a label share that fits on fewer patients."""
+    from cxr_lib.cli import _mae_recipe_and_config, build_parser
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.methods.mae import pretrain_mae
+    from cxr_lib.methods.probe import mae_features, probe_cache
+
+    saved = tmp_path / "encoder.pt"
+    command = [*MAE, "--data", str(phantoms), "--epochs", "1", "--runs", str(tmp_path / "runs")]
+    main([*command, "--save", str(saved), "--threads", "1"])
+    capsys.readouterr()
+    main(["probe", "--encoder", str(saved), "--data", str(phantoms), "--threads", "1"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "threads: 1" and lines[1].startswith(f"{saved} (MAE): linear probe")
+    cache = open_cache(phantoms)
+    train = cache.index.iloc[cache.split_indices("train")]
+    assert f"fitted on {len(train)} train images of {train['patient'].nunique()} patients" in out
+    _, recipe, config = _mae_recipe_and_config(build_parser().parse_args(command))
+    pretrained = pretrain_mae(cache, recipe, config, tmp_path / "runs")
+    assert pretrained.run.loaded_from_cache
+    expected = probe_cache(mae_features(pretrained.mae), pretrained.augment.plain, cache,
+                           cache.split_indices("train"), ("val", "test"))
+    printed = _probe_numbers(out)
+    assert printed == {s: round(expected[s].mean_auc, 4) for s in ("val", "test")}
+    assert "per-finding AUC (%)" in out
+    for finding, auc in expected["test"].per_finding.items():
+        assert any(line.split()[0] == finding and float(line.split()[-1]) == round(auc * 100, 2)
+                   for line in lines), finding
+
+    main(["probe", "--encoder", str(saved), "--data", str(phantoms), "--threads", "1",
+          "--train-fraction", "0.5", "--seed", "1"])
+    half = capsys.readouterr().out
+    patients = round(0.5 * train["patient"].nunique())
+    assert f"images of {patients} patients (train fraction 0.5, seed 1)" in half
+
+
+def test_probe_reads_a_saved_moco_backbone(phantoms, tmp_path, capsys):
+    from cxr_lib.cli import _moco_recipe_and_config, build_parser
+    from cxr_lib.data.cache import open_cache
+    from cxr_lib.methods.moco import pretrain_moco
+    from cxr_lib.methods.probe import probe_cache
+
+    saved = tmp_path / "backbone.pt"
+    command = ["pretrain", "moco", "--profile", "smoke", "--model", "resnet18", "--data",
+               str(phantoms), "--batch-size", "8", "--queue-size", "16", "--runs",
+               str(tmp_path / "runs")]
+    main([*command, "--save", str(saved), "--threads", "1"])
+    capsys.readouterr()
+    main(["probe", "--encoder", str(saved), "--data", str(phantoms), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert f"{saved} (MoCo resnet18): linear probe" in out
+    cache = open_cache(phantoms)
+    _, recipe, config, knn = _moco_recipe_and_config(build_parser().parse_args(command))
+    pretrained = pretrain_moco(cache, recipe, config, tmp_path / "runs", knn=knn)
+    assert pretrained.run.loaded_from_cache
+    expected = probe_cache(pretrained.moco.encoder_q, pretrained.augment.plain, cache,
+                           cache.split_indices("train"), ("val", "test"))
+    assert _probe_numbers(out) == {s: round(expected[s].mean_auc, 4) for s in ("val", "test")}
+
+
+def test_probe_refuses_what_is_not_a_saved_encoder(phantoms, tmp_path):
+    probe = ["probe", "--data", str(phantoms), "--threads", "1", "--encoder"]
+    with pytest.raises(SystemExit, match=r"^cxr: error: .*absent\.pt: weights file not found"):
+        main([*probe, str(tmp_path / "absent.pt")])
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, bare)
+    with pytest.raises(SystemExit, match=r"^cxr: error: .*bare\.pt: not an encoder file of "
+                                         r"`save_encoder`"):
+        main([*probe, str(bare)])
+    with pytest.raises(SystemExit, match=r"^cxr: error: train_fraction must lie in \(0, 1\], "
+                                         r"got 0\.0"):
+        main([*probe, str(bare), "--train-fraction", "0"])

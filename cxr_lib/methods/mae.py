@@ -24,7 +24,7 @@ from cxr_lib.engine.config import RunResult, TrainConfig
 from cxr_lib.engine.fit import fit
 from cxr_lib.engine.inference import eval_mode
 from cxr_lib.engine.metrics import model_loss
-from cxr_lib.methods.probe import ProbeResult, extract_features, linear_probe, mae_features
+from cxr_lib.methods.probe import MaePooledFeatures, ProbeResult, mae_features, probe_cache
 from cxr_lib.models.classifier import load_start, read_state_dict
 from cxr_lib.models.families import mae_family
 from cxr_lib.models.hiera_mae import HieraMae, build_hiera_mae
@@ -33,6 +33,7 @@ from cxr_lib.models.mae import (
     MaskedAutoencoder,
     build_mae,
     encoder_state_dict,
+    is_decoder_key,
     load_mae_checkpoint,
 )
 
@@ -152,14 +153,9 @@ def probe_encoder(mae: MaskedAutoencoder, cache: Cache, augment: MaeAugment, *,
 
     `max_images` caps each split (the first rows), so the probe stays quick on full data.
     """
-    feats, labels = [], []
-    for split in (train_split, eval_split):
-        rows = cache.split_indices(split)[:max_images]
-        images = np.asarray(cache.images[rows])[:, None]  # [N, 1, S, S] uint8
-        feats.append(extract_features(mae_features(mae), images, batch_size, augment.plain,
-                                      device=default_device()))
-        labels.append(cache.labels[rows])
-    return linear_probe(feats[0], labels[0], feats[1], labels[1], cache.findings)
+    return probe_cache(mae_features(mae), augment.plain, cache, cache.split_indices(train_split),
+                       (eval_split,), max_images=max_images, batch_size=batch_size,
+                       device=default_device())[eval_split]
 
 
 def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
@@ -168,6 +164,28 @@ def save_encoder(pretrained: PretrainedMae, path: str | Path) -> Path:
                              recipe=dataclasses.asdict(pretrained.recipe),
                              normalise=[pretrained.augment.mean, pretrained.augment.std],
                              run=pretrained.run.path.name)
+
+
+def load_encoder(path: str | Path) -> tuple[MaePooledFeatures, MaeAugment]:
+    """The encoder a `save_encoder` file holds, as pooled features (`mae_features`), with the
+    evaluation view it was trained with: its recipe's size and channels, its normalisation."""
+    state = read_state_dict(path)  # a missing or unreadable file is named first
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved.get("recipe"), dict) or "normalise" not in saved:
+        raise ValueError(f"{path}: not an encoder file of `save_encoder` (`cxr pretrain mae "
+                         "--save`): it holds no MAE recipe and normalisation")
+    recipe = MaeRecipe(**{**saved["recipe"], "init_weights": None,
+                          "crop_scale": tuple(saved["recipe"]["crop_scale"])})
+    mae = recipe.build()
+    loaded = mae.load_state_dict(state, strict=False)
+    if loaded.unexpected_keys or not all(is_decoder_key(k) for k in loaded.missing_keys):
+        raise ValueError(f"{path}: its tensors do not fit the {recipe.model} MAE its recipe "
+                         f"names (unexpected {loaded.unexpected_keys[:3]}, missing "
+                         f"{[k for k in loaded.missing_keys if not is_decoder_key(k)][:3]})")
+    mean, std = saved["normalise"]
+    augment = MaeAugment(recipe.image_size, scale=recipe.crop_scale, mean=mean, std=std,
+                         channels=recipe.in_chans)
+    return mae_features(mae), augment
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from cxr_lib.engine.metrics import EpochMetric, mean_auc, model_loss
 from cxr_lib.engine.order import ORDER
 from cxr_lib.methods.mae import cache_identity
 from cxr_lib.methods.probe import extract_features
-from cxr_lib.models.moco import MoCo, build_moco, gather_keys
+from cxr_lib.models.classifier import read_state_dict
+from cxr_lib.models.moco import MoCo, build_backbone, build_moco, gather_keys
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,25 @@ def save_backbone(pretrained: PretrainedMoco, path: str | Path) -> Path:
                              recipe=pretrained.recipe.identity(),
                              normalise=[pretrained.augment.mean, pretrained.augment.std],
                              run=pretrained.run.path.name)
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, MocoAugment]:
+    """The backbone a `save_backbone` file holds (pooled features [B, D]), with the evaluation
+    view it was trained with: its recipe's size and channels, its normalisation."""
+    state = read_state_dict(path)  # a missing or unreadable file is named first
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "backbone" not in saved or not isinstance(saved.get("recipe"), dict):
+        raise ValueError(f"{path}: not a backbone file of `save_backbone` (`cxr pretrain moco "
+                         "--save`): it names no backbone and recipe")
+    recipe = saved["recipe"]
+    encoder = build_backbone(saved["backbone"], in_chans=recipe["in_chans"])
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its tensors do not fit {saved['backbone']}: {err}") from None
+    mean, std = saved["normalise"]
+    return encoder, MocoAugment(recipe["image_size"], mean=mean, std=std,
+                                channels=recipe["in_chans"])
 
 
 # ----------------------------------------------------------------------------- embeddings

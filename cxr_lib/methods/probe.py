@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from cxr_lib.data.cache import Cache
 from cxr_lib.engine.inference import eval_mode
 from cxr_lib.models.mae import MaskedAutoencoder
 
@@ -107,6 +108,25 @@ def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: n
         per_finding[name] = float(roc_auc_score(yv[kv], clf.decision_function(xv[kv])))
     mean_auc = float(np.mean(list(per_finding.values()))) if per_finding else float("nan")
     return ProbeResult(mean_auc, per_finding, len(train_feats), len(val_feats), skipped)
+
+
+def probe_cache(encoder_fn: Callable[[Tensor], Tensor], transform: Callable[[Tensor], Tensor],
+                cache: Cache, train_rows: np.ndarray, eval_splits: Sequence[str] = ("val",), *,
+                max_images: int = 20_000, batch_size: int = 128,
+                device: torch.device | str | None = None) -> dict[str, ProbeResult]:
+    """The linear probe fitted on the cache rows `train_rows` and scored on each of
+    `eval_splits`: {split: ProbeResult}. Features go through `transform` (the evaluation view)
+    and `encoder_fn`, as `extract_features` does; `max_images` caps every split (its first
+    rows), so the probe stays quick on full data."""
+    def features(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = rows[:max_images]
+        images = np.asarray(cache.images[rows])[:, None]  # [N, 1, S, S] uint8
+        return (extract_features(encoder_fn, images, batch_size, transform, device=device),
+                cache.labels[rows])
+
+    train = features(np.asarray(train_rows))
+    return {split: linear_probe(*train, *features(cache.split_indices(split)), cache.findings)
+            for split in eval_splits}
 
 
 def _check_pair(feats: np.ndarray, labels: np.ndarray, findings: Sequence[str],

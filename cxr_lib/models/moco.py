@@ -199,8 +199,12 @@ class MoCo(nn.Module):
         return loss, logits, k
 
 
+def build_backbone(backbone: str, *, in_chans: int = 1) -> nn.Module:
+    """A randomly initialised timm backbone giving pooled features [B, D] (no classifier)."""
+    return timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans)
+
+
 def build_moco(backbone: str, *, in_chans: int = 1, **moco_kwargs) -> MoCo:
     """MoCo v2 over a randomly initialised timm backbone (e.g. densenet121, resnet50);
     `moco_kwargs` go to `MoCo` (dim, hidden_dim, queue_size, momentum, temperature, bn_splits)."""
-    encoder = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans)
-    return MoCo(encoder, **moco_kwargs)
+    return MoCo(build_backbone(backbone, in_chans=in_chans), **moco_kwargs)
