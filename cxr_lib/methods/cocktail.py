@@ -55,9 +55,9 @@ def cocktail_sources(chest: XrayDataset, *, pediatric_root: str | Path | None = 
     """
     sources = [chest]
     if pediatric_root:
-        # official test images stay test; none are drawn from the images the mix trains on
-        sources.append(read_source("folder", pediatric_root, seed=seed, test_fraction=0.0,
-                                   name="pediatric"))
+        # its test patients (the official test/ folder, else a drawn share) stay out of the
+        # mix's pre-training, which draws from the train split only
+        sources.append(read_source("folder", pediatric_root, seed=seed, name="pediatric"))
     if chexpert_root:
         sources.append(read_source("chexpert", chexpert_root, seed=seed))
     if covid_root:
