@@ -15,6 +15,7 @@ from cxr_lib.chapters.results import (
     NOT_RUN,
     VERDICTS,
     glued_texts,
+    sentence,
     starts_beside_papers,
     starts_figure,
     verdict_words,
@@ -53,7 +54,7 @@ def test_one_executed_chapter_gives_its_verdicts_and_a_missing_one_is_said(tmp_p
     executed(tmp_path / "04_finetuning_ablations.ipynb",
              {"start_sentence": "MAE led by 0.03", "label_verdict": "", "other": "unused"})
     words = verdict_words(tmp_path)
-    assert words["ch4_start_sentence"] == "MAE led by 0.03"
+    assert words["ch4_start_sentence"] == "MAE led by 0.03."  # a full stop added
     assert words["ch4_label_verdict"] == NOT_RUN.format(number=4)  # glued, but empty
     assert words["ch4_signal_note"] == NOT_RUN.format(number=4)  # never glued
     assert "ch4_other" not in words and words["ch5_paired_sentence"] == NOT_RUN.format(number=5)
@@ -88,3 +89,9 @@ def test_without_chapter_4s_starts_the_page_says_to_run_chapter_4(tmp_path):
     starts_table(tmp_path, [])
     with pytest.raises(ValueError, match="wrote no table of starts"):
         starts_beside_papers(tmp_path)
+
+
+def test_every_verdict_ends_as_a_sentence():
+    assert sentence("this edition cannot rank them") == "this edition cannot rank them."
+    assert sentence("the best came at 0.9. ") == "the best came at 0.9."
+    assert sentence(NOT_RUN.format(number=3)).endswith("here)*")

@@ -187,7 +187,11 @@ def test_shipped_profiles_grow_from_smoke_to_paper(tmp_path, monkeypatch):
     sizes = [p.chapters["02_mae_pretraining"]["image_size"] for p in profiles]
     caches = [p.shared["cache_size"] for p in profiles]
     assert sizes == sorted(sizes) and caches == sorted(caches)
-    assert profiles[0].shared["data_root"] is None and profiles[1].shared["data_root"] is None
+    # only the tests' smoke profile runs on phantoms; the editions read real X-rays
+    assert profiles[0].shared["data_root"] is None
+    for edition in profiles[1:3]:
+        assert edition.shared["data_root"] == str(tmp_path / "nih-cxr14-sample")
+        assert edition.shared["pediatric_root"] == str(tmp_path / "pediatric-pneumonia-sample")
 
 
 NOTEBOOKS = sorted((repo_root() / "notebooks").glob("*.ipynb"))
@@ -212,3 +216,12 @@ def test_the_paper_profile_takes_xiao_et_als_settings_and_the_small_ones_keep_on
         assert paper[chapter]["in_chans"] == 3
         for small in ("smoke", "cpu"):
             assert "in_chans" not in load_profile(small).chapters[chapter]  # the default, 1
+
+
+def test_a_data_root_inside_the_project_is_named_from_the_notebooks_folder(repo, tmp_path):
+    inside, outside = repo / "cxr_lib" / "data" / "samples" / "nih", tmp_path.parent / "nih"
+    write_profile(repo, "p", f"shared: {{data_root: {inside}, pediatric_root: {outside}}}\n")
+    params = load_profile("p", repo=repo).parameters(repo / "notebooks" / "01_alpha.ipynb",
+                                                     repo / "build" / "p")
+    assert params["data_root"] == "../cxr_lib/data/samples/nih"  # no machine's folder
+    assert params["pediatric_root"] == str(outside)  # outside the project: as given

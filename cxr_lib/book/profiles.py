@@ -61,6 +61,14 @@ class Profile:
         params = {**self.shared, **self.chapters.get(notebook.stem, {})}
         where = os.path.relpath(Path(work_dir).resolve(), notebook.parent.resolve())
         params.update(profile=self.name, work_dir=Path(where).as_posix())
+        # a data root inside the project (the shipped samples) is named from the notebook's
+        # folder too, so that the edition shows ../cxr_lib/data/samples/..., not this machine
+        project = notebook.parent.resolve().parent
+        for key, value in params.items():
+            if key.endswith("_root") and isinstance(value, str) and Path(value).is_absolute():
+                if Path(value).resolve().is_relative_to(project):
+                    params[key] = Path(os.path.relpath(Path(value).resolve(),
+                                                       notebook.parent.resolve())).as_posix()
         return params
 
 

@@ -61,8 +61,15 @@ def verdict_words(chapters_dir: str | Path) -> dict[str, str]:
         path = Path(chapters_dir) / f"{stem}.ipynb"
         glued = glued_texts(path) if path.is_file() else {}
         for name in names:
-            words[f"ch{number}_{name}"] = glued.get(name) or NOT_RUN.format(number=number)
+            words[f"ch{number}_{name}"] = sentence(glued.get(name) or NOT_RUN.format(
+                number=number))
     return words
+
+
+def sentence(text: str) -> str:
+    """A verdict as the page lists it: ending in a full stop (chapters glue some mid-sentence)."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?", ")*")) else text + "."
 
 
 def starts_beside_papers(work: str | Path) -> pd.DataFrame:
