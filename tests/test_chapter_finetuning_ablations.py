@@ -40,7 +40,7 @@ def test_small_words_of_the_recipe():
     assert ch4.view_words(0.875) == "central 87.5% of the side, resized"
     assert ch4.recipe_words(0.55, 0.2, 6, [0]) == {"paper_ld": "0.55", "paper_dp": "0.2",
                                                    "paper_ra": "6", "n_seeds": "one seed"}
-    assert ch4.start_label("ViT", ch4.MAE) == "ViT\nMAE on X-rays\n(paper's choice)"
+    assert ch4.start_label("ViT", ch4.MAE) == "ViT\nMAE on these images\n(paper's choice)"
     assert ch4.start_label("ResNet", ch4.RANDOM) == "ResNet\nrandom"
     assert ch4.split_name("valid") == "validation" and ch4.split_name("test") == "test"
 
@@ -75,8 +75,8 @@ def test_arms_are_labelled_by_the_module_and_the_cnn_parameter(monkeypatch):
     vit = FinetuneRecipe(model="vit_tiny_patch16", image_size=32)
     cnn = FinetuneRecipe(model="resnet50", image_size=32, layer_decay=None, drop_path=0.0)
     found, skipped = ch4.arms(vit, cnn, "mae.pt", "moco.pt")
-    assert list(found) == [("ViT", "random"), ("ViT", "MAE on X-rays"), ("ResNet", "random"),
-                           ("ResNet", "MoCo v2 on X-rays")]
+    assert list(found) == [("ViT", "random"), ("ViT", "MAE on these images"), ("ResNet", "random"),
+                           ("ResNet", "MoCo v2 on these images")]
     assert found[("ViT", ch4.MAE)].init == "mae" and found[("ViT", ch4.MAE)].weights == "mae.pt"
     assert found[("ResNet", ch4.MOCO)].model == "resnet50"
     assert skipped == ["ViT: no ImageNet weights for vit_tiny_patch16",
@@ -90,9 +90,9 @@ def test_arms_are_labelled_by_the_module_and_the_cnn_parameter(monkeypatch):
 
 def test_gain_sentence_compares_with_the_random_start_on_both_splits():
     above = gain_sentence("ViT", ch4.MAE, 0.6, 0.5, 0.58, 0.52)
-    assert above == ("fine-tuned from MAE on X-rays the ViT reached a validation AUC of 0.600, "
-                     "0.100 above the same ViT from random weights (0.500); on the test split "
-                     "0.580 against 0.520, which agrees")
+    assert above == ("fine-tuned from MAE on these images the ViT reached a validation AUC of "
+                     "0.600, 0.100 above the same ViT from random weights (0.500); on the test "
+                     "split 0.580 against 0.520, which agrees")
     assert gain_sentence("ViT", ch4.MAE, 0.4, 0.5, 0.6, 0.5).endswith(
         "0.100 below the same ViT from random weights (0.500); on the test split 0.600 against "
         "0.500, which reverses it")
@@ -103,7 +103,7 @@ def test_gain_sentence_compares_with_the_random_start_on_both_splits():
 
 def test_gain_sentence_says_what_could_not_be_scored():
     nan = gain_sentence("ViT", ch4.MAE, NAN, NAN, NAN, NAN)
-    assert nan == ("fine-tuned from MAE on X-rays the ViT reached a validation AUC of not "
+    assert nan == ("fine-tuned from MAE on these images the ViT reached a validation AUC of not "
                    "scored, against not scored from random weights, so no gain can be read")
     test = gain_sentence("ViT", ch4.MAE, 0.6, 0.5, NAN, 0.5)
     assert test.endswith("on the test split not scored against 0.500, which can neither confirm "
@@ -132,11 +132,11 @@ def test_start_words_name_the_cnn_by_its_parameter():
     table = _start_table("ResNet", [0.5, 0.6, 0.55, 0.5], [0.5, 0.7, 0.6, 0.4])
     words = ch4.start_words(table, [], 1, "resnet50")
     assert words["start_sentence"] == (
-        "fine-tuned from MAE on X-rays the ViT reached a validation AUC of 0.600, 0.100 above "
-        "the same ViT from random weights (0.500); on the test split 0.700 against 0.500, which "
-        "agrees; fine-tuned from MoCo v2 on X-rays the ResNet reached a validation AUC of 0.500, "
-        "0.050 below the same ResNet from random weights (0.550); on the test split 0.400 "
-        "against 0.600, which agrees.")
+        "fine-tuned from MAE on these images the ViT reached a validation AUC of 0.600, 0.100 "
+        "above the same ViT from random weights (0.500); on the test split 0.700 against 0.500, "
+        "which agrees; fine-tuned from MoCo v2 on these images the ResNet reached a validation "
+        "AUC of 0.500, 0.050 below the same ResNet from random weights (0.550); on the test "
+        "split 0.400 against 0.600, which agrees.")
     assert "DenseNet" not in words["start_sentence"]
     assert words["signal_note"] == "" and words["start_spread"].startswith("Each bar is one run")
     assert words["skipped_arms"].startswith("Both ImageNet arms ran")

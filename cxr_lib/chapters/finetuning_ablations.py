@@ -35,8 +35,10 @@ from cxr_lib.models.classifier import WeightsUnavailable, imagenet_weights
 # The arms' labels: the two families and the starts each is fine-tuned from.
 VIT = "ViT"
 RANDOM = "random"
-MAE = "MAE on X-rays"
-MOCO = "MoCo v2 on X-rays"
+# the starts this edition pre-trained, on its own images (X-rays, or phantoms in a run
+# without data: the label must not claim X-rays it did not see)
+MAE = "MAE on these images"
+MOCO = "MoCo v2 on these images"
 IMAGENET = "ImageNet"
 PAPER_START = MAE  # the start the paper fine-tunes from
 
