@@ -24,8 +24,8 @@ import torch
 from matplotlib.figure import Figure
 
 from cxr_lib.chapters.files import chapter4_table_name, chapter4_table_paths
-from cxr_lib.chapters.moco_baselines import images_origin
 from cxr_lib.chapters.sentences import check_sentence, sweep_sentence
+from cxr_lib.chapters.setup import images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.finetune import FinetuneRecipe, label_subset

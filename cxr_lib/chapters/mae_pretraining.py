@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from cxr_lib.augment.crops import MaeAugment
 from cxr_lib.chapters.plots import image_grid, mae_pictures
 from cxr_lib.chapters.sentences import floor_sentence, span, sweep_sentence
+from cxr_lib.chapters.setup import images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.mae import (
@@ -53,9 +54,8 @@ def _auc(value: float) -> str:
 
 def data_words(cache: Cache, from_root: bool) -> dict[str, str]:
     """images_origin, n_train, n_val."""
-    origin = ("real ChestX-ray14 images" if from_root else
-              "synthetic phantoms (no data root was given), not real X-rays")
-    return {"images_origin": origin, "n_train": f"{len(cache.split_indices('train')):,}",
+    return {"images_origin": images_origin(from_root),
+            "n_train": f"{len(cache.split_indices('train')):,}",
             "n_val": f"{len(cache.split_indices('val')):,}"}
 
 

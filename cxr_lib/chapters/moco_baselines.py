@@ -31,7 +31,7 @@ from cxr_lib.augment.views import MocoAugment
 from cxr_lib.chapters.files import encoder_path
 from cxr_lib.chapters.plots import image_grid
 from cxr_lib.chapters.sentences import span
-from cxr_lib.chapters.setup import image_noun
+from cxr_lib.chapters.setup import image_noun, images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.moco import (
@@ -56,12 +56,6 @@ RANDOM_START_CLEAR = 0.55  # random initialisations all at or above this kNN AUC
 def pretty(model: str) -> str:
     """A backbone as the prose names it ("DenseNet-121"); an unknown one by its timm name."""
     return NAMES.get(model, model)
-
-
-def images_origin(data_root: str | Path | None) -> str:
-    """What the edition's images are: the real X-rays under a data root, or phantoms."""
-    return ("real ChestX-ray14 images" if data_root else
-            "synthetic phantoms (no data root was given), not real X-rays")
 
 
 def chance_loss(queue_size: int) -> float:

@@ -25,6 +25,7 @@ from cxr_lib.analysis.localize import attention_map, grad_cam, peak_ratio, score
 from cxr_lib.analysis.stats import bootstrap_auc, holm_adjust, paired_comparison
 from cxr_lib.chapters.files import chapter4_tables, runs_dir, test_scores
 from cxr_lib.chapters.finetuning_ablations import cnn_family
+from cxr_lib.chapters.setup import images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.nih import read_bboxes, shipped_bbox_file
 from cxr_lib.methods.finetune import load_finetuned
@@ -113,8 +114,7 @@ def setup_words(n_runs: int, n_images: int, n_patients: int, real: bool) -> dict
     """The edition's runs and test split; `real`: ChestX-ray14 images, else phantoms."""
     return {"n_runs": f"{n_runs}",
             "n_test": f"{n_images:,} images of {n_patients:,} patients",
-            "images_origin": "real ChestX-ray14 images" if real else
-            "synthetic phantoms (no data root was given), not real X-rays"}
+            "images_origin": images_origin(real)}
 
 
 def results_words(results: Results, data_root: str | Path | None) -> dict[str, str]:

@@ -55,6 +55,12 @@ def images_used(cache: Cache, *roots: str | Path | None) -> str:
     return f"{names(parts)}{where}, cached at {cache.size} px{fake}"
 
 
+def images_origin(data_root: str | Path | None) -> str:
+    """What the edition's images are: the real X-rays under a data root, or phantoms."""
+    return ("real ChestX-ray14 images" if data_root else
+            "synthetic phantoms (no data root was given), not real X-rays")
+
+
 PHANTOMS = {"phantom", "phantom-lowres"}  # the sources that are drawn, not X-rayed
 
 
