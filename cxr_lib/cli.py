@@ -312,8 +312,8 @@ def _probe(args: argparse.Namespace) -> None:
 
     from cxr_lib.book.profiles import load_profile
     from cxr_lib.data.cache import open_cache
+    from cxr_lib.data.splits import label_subset
     from cxr_lib.device import resolve_device
-    from cxr_lib.methods.finetune import label_subset
     from cxr_lib.methods.mae import load_encoder
     from cxr_lib.methods.moco import load_backbone
     from cxr_lib.methods.probe import probe_cache

@@ -16,6 +16,7 @@ from cxr_lib.chapters.setup import chapter_cache
 from cxr_lib.cli import main
 from cxr_lib.data.cache import prepare_cache
 from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.data.splits import label_subset
 from cxr_lib.engine import runs
 from cxr_lib.engine.metrics import mean_auc
 from cxr_lib.engine.runs import weights_digest
@@ -30,7 +31,6 @@ from cxr_lib.methods.finetune import (
     evaluate_weights,
     finetune,
     finetune_augment,
-    label_subset,
     paper_config,
 )
 from cxr_lib.methods.mae import cache_identity

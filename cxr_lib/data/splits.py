@@ -8,10 +8,15 @@ Readers therefore draw validation *patients*, then check the result with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from cxr_lib.data.core import DataError
+
+if TYPE_CHECKING:
+    from cxr_lib.data.cache import Cache
 
 
 def patient_split(patients: pd.Series, val_fraction: float, seed: int) -> np.ndarray:
@@ -51,3 +56,19 @@ def three_way_split(patients: pd.Series, val_fraction: float, test_fraction: flo
     rest = split == "train"
     split[rest] = patient_split(patients[rest], val_fraction / (1.0 - test_fraction), seed)
     return split.astype(str)
+
+
+def label_subset(cache: Cache, fraction: float, seed: int, split: str = "train") -> np.ndarray:
+    """Cache rows of `split` from a seeded random `fraction` of its patients (at least one).
+
+    Patients, not images, are drawn, so a patient's films come together; the draw for 1% is
+    the start of the one for 10% (same seed), so smaller shares are nested in larger ones.
+    """
+    rows = cache.split_indices(split)
+    if fraction >= 1:
+        return rows
+    patients = cache.index["patient"].to_numpy()[rows]
+    unique = np.unique(patients)
+    order = np.random.default_rng([seed, 4]).permutation(len(unique))
+    chosen = unique[order[:max(1, round(fraction * len(unique)))]]
+    return rows[np.isin(patients, chosen)]

@@ -44,6 +44,7 @@ from cxr_lib.augment.crops import FinetuneAugment, split_stats
 from cxr_lib.augment.randaugment import RandAugment, fill_level
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.loaders import CacheBatches
+from cxr_lib.data.splits import label_subset
 from cxr_lib.device import is_main_process
 from cxr_lib.engine import runs
 from cxr_lib.engine.config import RunResult, TrainConfig
@@ -148,22 +149,6 @@ def finetune_augment(cache: Cache, recipe: FinetuneRecipe,
                else RandAugment(magnitude=recipe.randaug_magnitude, fill=fill_level(mean)))
     return FinetuneAugment(recipe.image_size, tuple(recipe.crop_scale), mean, std, randaug,
                            recipe.rotation, recipe.in_chans, recipe.eval_crop)
-
-
-def label_subset(cache: Cache, fraction: float, seed: int, split: str = "train") -> np.ndarray:
-    """Cache rows of `split` from a seeded random `fraction` of its patients (at least one).
-
-    Patients, not images, are drawn, so a patient's films come together; the draw for 1% is
-    the start of the one for 10% (same seed), so smaller shares are nested in larger ones.
-    """
-    rows = cache.split_indices(split)
-    if fraction >= 1:
-        return rows
-    patients = cache.index["patient"].to_numpy()[rows]
-    unique = np.unique(patients)
-    order = np.random.default_rng([seed, 4]).permutation(len(unique))
-    chosen = unique[order[:max(1, round(fraction * len(unique)))]]
-    return rows[np.isin(patients, chosen)]
 
 
 class MultiLabelMixup(Callback):
