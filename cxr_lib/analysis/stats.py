@@ -445,3 +445,18 @@ def _spearman(values: pd.Series, y: np.ndarray, numeric: bool) -> dict:
         return {"spearman": np.nan, "spearman_p": np.nan}
     rho, p = stats.spearmanr(values.to_numpy(dtype=np.float64), y)
     return {"spearman": float(rho), "spearman_p": float(p)}
+
+
+def seed_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of one measure over seeds (e.g. a paired AUC difference per seed) and its Student-t
+    interval: what another seed could move, which a bootstrap over test images does not see.
+    NaN values are left out; fewer than two give a NaN interval (none at all: a NaN mean)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return np.nan, np.nan, np.nan
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, np.nan, np.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return mean, mean - half, mean + half

@@ -21,15 +21,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from fastai.torch_core import default_device
 from matplotlib.figure import Figure
 
+from cxr_lib.analysis.stats import seed_interval
 from cxr_lib.chapters.files import chapter4_table_name, chapter4_table_paths
 from cxr_lib.chapters.sentences import check_sentence, sweep_sentence
-from cxr_lib.chapters.setup import images_origin
+from cxr_lib.chapters.setup import chapter_cache, images_origin, pediatric_dataset
 from cxr_lib.data.cache import Cache
+from cxr_lib.data.splits import label_subset
 from cxr_lib.engine.config import TrainConfig
-from cxr_lib.methods.finetune import FinetuneRecipe, label_subset
+from cxr_lib.methods.finetune import FinetuneRecipe
 from cxr_lib.methods.grid import run_grid, run_points, seed_summary
+from cxr_lib.methods.mae import load_encoder, untrained_encoder
+from cxr_lib.methods.probe import COMPARED, cache_features, compare_on_label_shares
 from cxr_lib.models.classifier import WeightsUnavailable, imagenet_weights
 
 # The arms' labels: the two families and the starts each is fine-tuned from.
@@ -478,3 +483,141 @@ def carried_words(work: str | Path) -> dict[str, str]:
     n_runs, names = all_rows["run"].nunique(), [p.name for p in paths]
     print(f"{n_runs} distinct runs; tables: {', '.join(names)}")
     return {"n_runs": f"{n_runs}", "tables": ", ".join(f"`{name}`" for name in names)}
+
+
+# ----------------------------------------------------------------------------- pneumonia, frozen
+
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+PROBE_FLOOR = "a random encoder"  # what the MAE encoder's frozen features are judged against
+
+
+def pneumonia_cache(work: str | Path, pediatric_root: str | Path | None, size: int, seed: int
+                    ) -> Cache | None:
+    """The pediatric pneumonia task's cache (the same patient split as chapter 2's pooled
+    pre-training saw), or None without a pediatric root."""
+    dataset = pediatric_dataset(pediatric_root, seed=seed)
+    return None if dataset is None else chapter_cache(work, dataset, size)
+
+
+def pneumonia_probes(mae_file: str | Path, cache: Cache | None, shares: Sequence[float],
+                     n_seeds: int, n_boot: int = 1000) -> pd.DataFrame:
+    """Chapter 2's MAE encoder against an encoder of the same recipe with random weights, both
+    frozen, each under a linear probe fitted on a share of the pneumonia task's training
+    patients and scored on its test images: one row a (share, seed), `compare_on_label_shares`.
+    Seed s draws both the labelled patients and the random encoder's weights. No cache (no
+    pediatric root): no rows."""
+    if cache is None:
+        return pd.DataFrame(columns=["share", "seed", "labelled images", *COMPARED])
+    splits = [cache.split_indices(split) for split in ("train", "test")]
+
+    def features(encoder, view) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(cache_features(encoder, view.plain, cache, rows, device=default_device())
+                     for rows in splits)
+
+    pretrained = features(*load_encoder(mae_file))
+    return compare_on_label_shares(cache, lambda seed: features(*untrained_encoder(mae_file, seed)),
+                                   lambda seed: pretrained, shares, range(n_seeds),
+                                   n_boot=n_boot)
+
+
+def probe_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per share: the seeds, both mean AUCs, the mean difference (MAE - random) with its
+    95% interval over seeds (`seed_interval`), the seeds MAE was ahead in, and the seeds whose
+    paired bootstrap interval over test patients excluded zero."""
+    rows = []
+    for share, part in table.groupby("share", sort=True):
+        scored = part.dropna(subset=["diff"])
+        mean, lower, upper = seed_interval(scored["diff"])
+        rows.append({"share": share, "seeds": len(scored),
+                     "labelled images": float(part["labelled images"].mean()),
+                     "random AUC": scored["auc_a"].mean(), "MAE AUC": scored["auc_b"].mean(),
+                     "difference": mean, "seed lower": lower, "seed upper": upper,
+                     "seeds ahead": int((scored["diff"] > 0).sum()),
+                     "bootstrap excludes 0": int(((scored["lower"] > 0)
+                                                  | (scored["upper"] < 0)).sum())})
+    return pd.DataFrame(rows)
+
+
+def decided(difference: float, lower: float, upper: float, seeds: int, ahead: int) -> str:
+    """A paired comparison's verdict: "MAE ahead" or "random ahead" when the interval over
+    seeds excludes zero and every seed points the same way, else "not decided"."""
+    if not (seeds >= 2 and math.isfinite(lower) and math.isfinite(upper)):
+        return "not decided"
+    one_way = ahead in (0, seeds)
+    if lower > 0 and one_way:
+        return "MAE ahead"
+    if upper < 0 and one_way:
+        return "random ahead"
+    return "not decided"
+
+
+def probe_sentence(share: float, images: float, seeds: int, random_auc: float, mae_auc: float,
+                   difference: float, lower: float, upper: float, ahead: int,
+                   excluded: int) -> str:
+    """One share's frozen-feature comparison in words, with its verdict."""
+    if seeds == 0 or not math.isfinite(difference):
+        return (f"with {share:.0%} of the training labels no seed could be scored (a share "
+                "whose labelled images hold one class only has no probe)")
+    spread = (f"95% interval over {seeds} seeds [{lower:+.3f}, {upper:+.3f}]" if seeds > 1
+              else "one seed, so no interval over seeds")
+    verdict = decided(difference, lower, upper, seeds, ahead)
+    told = {"MAE ahead": "decided: the MAE encoder's features are the better ones",
+            "random ahead": f"decided: {PROBE_FLOOR}'s features are the better ones",
+            "not decided": "not decided at this scale"}[verdict]
+    return (f"with {share:.0%} of the training labels (about {images:,.0f} images) a probe on "
+            f"the MAE encoder's frozen features reached a test AUC of {mae_auc:.3f} against "
+            f"{random_auc:.3f} on {PROBE_FLOOR}, a paired difference of {difference:+.3f} "
+            f"({spread}); MAE was ahead in {ahead} of {seeds} seeds, and the paired bootstrap "
+            f"over test patients excluded zero in {excluded} of them: {told}")
+
+
+def pneumonia_words(verdicts: pd.DataFrame) -> dict[str, str]:
+    """pneumonia_probe_sentence (every share) and pneumonia_verdict (the smallest share's, the
+    headline), or why the comparison did not run."""
+    if verdicts.empty:
+        why = ("the pneumonia comparison did not run: no pediatric root was given "
+               "(parameter `pediatric_root`)")
+        return {"pneumonia_probe_sentence": why[0].upper() + why[1:] + ".",
+                "pneumonia_verdict": why}
+    texts = [probe_sentence(r["share"], r["labelled images"], r["seeds"], r["random AUC"],
+                            r["MAE AUC"], r["difference"], r["seed lower"], r["seed upper"],
+                            r["seeds ahead"], r["bootstrap excludes 0"])
+             for _, r in verdicts.iterrows()]
+    text = "; ".join(texts)
+    return {"pneumonia_probe_sentence": text[0].upper() + text[1:] + ".",
+            "pneumonia_verdict": "on pneumonia, " + texts[0]}
+
+
+def pneumonia_figure(table: pd.DataFrame) -> Figure:
+    """Each seed's paired difference (MAE - random encoder) with its bootstrap interval, one
+    panel a share, the interval over seeds shaded."""
+    shares = sorted(table["share"].unique())
+    fig, axes = plt.subplots(1, max(1, len(shares)), figsize=(4.2 * max(1, len(shares)), 3.4),
+                             sharey=True, squeeze=False)
+    for ax, share in zip(axes[0], shares, strict=False):
+        part = table[table["share"] == share].dropna(subset=["diff"])
+        mean, lower, upper = seed_interval(part["diff"])
+        ax.axhspan(lower, upper, color="#c44e52", alpha=0.15, label="95% interval over seeds")
+        ax.errorbar(part["seed"], part["diff"], yerr=[part["diff"] - part["lower"],
+                                                      part["upper"] - part["diff"]],
+                    fmt="o", color="#c44e52", capsize=3, label="one seed (bootstrap 95%)")
+        ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set(title=f"{share:.0%} of the training labels", xlabel="seed",
+               xticks=part["seed"].to_numpy())
+    axes[0][0].set_ylabel("test AUC, MAE - random encoder")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Frozen features on pneumonia: paired differences by seed", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pneumonia_data_words(cache: Cache | None) -> dict[str, str]:
+    """pneumonia_split: the task's images and positives per split, or that it is absent."""
+    if cache is None:
+        return {"pneumonia_split": "no split (no pediatric root was given)"}
+    parts = []
+    for split in ("train", "val", "test"):
+        labels = cache.labels[cache.split_indices(split)][:, 0]
+        parts.append(f"{len(labels):,} {SPLIT_WORDS[split]} images ({int(np.nansum(labels)):,} "
+                     "with pneumonia)")
+    return {"pneumonia_split": ", ".join(parts)}

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 
 from cxr_lib.augment.crops import MaeAugment
 from cxr_lib.chapters.plots import image_grid, mae_pictures
-from cxr_lib.chapters.sentences import floor_sentence, span, sweep_sentence
-from cxr_lib.chapters.setup import images_origin
+from cxr_lib.chapters.sentences import floor_sentence, names, span, sweep_sentence
+from cxr_lib.chapters.setup import DESCRIBED, images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.mae import (
@@ -382,3 +382,24 @@ def chosen_words(chosen: float, floor: float) -> dict[str, str]:
     gap = round(chosen - floor, 3)
     where = (f"{gap:.3f} above" if gap > 0 else f"{-gap:.3f} below" if gap < 0 else "level with")
     return {"chosen_auc": f"{chosen:.3f}", "chosen_vs_floor": f"{where} {FLOOR} ({floor:.3f})"}
+
+
+# The encoder carried forward
+
+def carried_encoder(pooled: Cache, recipe: MaeRecipe, config: TrainConfig, run_root: str | Path,
+                    epochs: int, cache: Cache, probe_images: int
+                    ) -> tuple[PretrainedMae, ProbeResult]:
+    """The encoder chapter 4 starts from: `recipe` pre-trained for `epochs` on the training
+    images of every data set in `pooled` (`setup.pooled_cache`; their validation and test
+    images held out), with its probe on the chapter's own task (`cache`)."""
+    pre = pretrain_mae(pooled, recipe, dataclasses.replace(config, epochs=epochs), run_root)
+    return pre, probe_encoder(pre.mae, cache, pre.augment, max_images=probe_images)
+
+
+def carried_words(pooled: Cache, epochs: int) -> dict[str, str]:
+    """carried_data (the training images it saw, by source) and carried_epochs."""
+    train = pooled.index.iloc[pooled.split_indices("train")]
+    counts = train["source"].value_counts(sort=False)
+    parts = [f"{n:,} {DESCRIBED.get(source, source)}" for source, n in counts.items()]
+    return {"carried_data": f"{len(train):,} training images ({names(parts)})",
+            "carried_epochs": f"{epochs}"}

@@ -16,7 +16,9 @@ from cxr_lib.chapters.files import cache_dir
 from cxr_lib.chapters.sentences import duration, names
 from cxr_lib.data import XrayDataset, open_source
 from cxr_lib.data.cache import Cache, prepare_cache
+from cxr_lib.data.core import merge
 from cxr_lib.data.samples import samples_root
+from cxr_lib.data.sources import read_source
 
 DESCRIBED = {  # a source's name -> what it is, as the chapters say it
     "chestxray14": "NIH ChestX-ray14, adult chest X-rays",
@@ -34,6 +36,23 @@ def chapter_dataset(data_root: str | Path | None, *, n_phantoms: int, phantom_si
     if data_root:
         return open_source("chestxray14", data_root, val_fraction=val_fraction, seed=seed)
     return open_source("phantom", count=n_phantoms, size=phantom_size, seed=seed)
+
+
+def pediatric_dataset(root: str | Path | None, *, seed: int = 0) -> XrayDataset | None:
+    """The pediatric pneumonia folders under `root` (their test patients drawn where the root
+    has no test/ folder, as the shipped sample), or None without a root."""
+    return read_source("folder", root, seed=seed, name="pediatric") if root else None
+
+
+def pooled_cache(work_dir: str | Path, datasets: list[XrayDataset | None], size: int) -> Cache:
+    """One cache of every image of the data sets given (None: not given), for pre-training
+    without labels on their training splits: each keeps its own validation and test images,
+    which pre-training never sees. One data set alone is its own cache."""
+    given = [d for d in datasets if d is not None]
+    if not given:
+        raise ValueError("pooled_cache: no data set given")
+    pooled = given[0] if len(given) == 1 else merge(given, name="+".join(d.name for d in given))
+    return chapter_cache(work_dir, pooled, size)
 
 
 def chapter_cache(work_dir: str | Path, dataset: XrayDataset, size: int) -> Cache:

@@ -170,22 +170,36 @@ def load_encoder(path: str | Path) -> tuple[MaePooledFeatures, MaeAugment]:
     """The encoder a `save_encoder` file holds, as pooled features (`mae_features`), with the
     evaluation view it was trained with: its recipe's size and channels, its normalisation."""
     state = read_state_dict(path)  # a missing or unreadable file is named first
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved.get("recipe"), dict) or "normalise" not in saved:
-        raise ValueError(f"{path}: not an encoder file of `save_encoder` (`cxr pretrain mae "
-                         "--save`): it holds no MAE recipe and normalisation")
-    recipe = MaeRecipe(**{**saved["recipe"], "init_weights": None,
-                          "crop_scale": tuple(saved["recipe"]["crop_scale"])})
+    recipe, augment = _saved_recipe(path)
     mae = recipe.build()
     loaded = mae.load_state_dict(state, strict=False)
     if loaded.unexpected_keys or not all(is_decoder_key(k) for k in loaded.missing_keys):
         raise ValueError(f"{path}: its tensors do not fit the {recipe.model} MAE its recipe "
                          f"names (unexpected {loaded.unexpected_keys[:3]}, missing "
                          f"{[k for k in loaded.missing_keys if not is_decoder_key(k)][:3]})")
-    mean, std = saved["normalise"]
-    augment = MaeAugment(recipe.image_size, scale=recipe.crop_scale, mean=mean, std=std,
-                         channels=recipe.in_chans)
     return mae_features(mae), augment
+
+
+def untrained_encoder(path: str | Path, seed: int) -> tuple[MaePooledFeatures, MaeAugment]:
+    """The encoder of a `save_encoder` file's recipe with random weights drawn from `seed`
+    (the floor a pre-trained encoder must clear), with the file's evaluation view."""
+    recipe, augment = _saved_recipe(path)
+    torch.manual_seed(seed)
+    return mae_features(recipe.build()), augment
+
+
+def _saved_recipe(path: str | Path) -> tuple[MaeRecipe, MaeAugment]:
+    """The MAE recipe a `save_encoder` file names, and its evaluation view (the recipe's size
+    and channels, the normalisation it was trained with)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved.get("recipe"), dict) or "normalise" not in saved:
+        raise ValueError(f"{path}: not an encoder file of `save_encoder` (`cxr pretrain mae "
+                         "--save`): it holds no MAE recipe and normalisation")
+    recipe = MaeRecipe(**{**saved["recipe"], "init_weights": None,
+                          "crop_scale": tuple(saved["recipe"]["crop_scale"])})
+    mean, std = saved["normalise"]
+    return recipe, MaeAugment(recipe.image_size, scale=recipe.crop_scale, mean=mean, std=std,
+                              channels=recipe.in_chans)
 
 
 @dataclass(frozen=True)

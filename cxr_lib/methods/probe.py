@@ -10,13 +10,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from cxr_lib.analysis.stats import paired_comparison
 from cxr_lib.data.cache import Cache
+from cxr_lib.data.splits import label_subset
 from cxr_lib.engine.inference import eval_mode
 from cxr_lib.models.mae import MaskedAutoencoder
 
@@ -80,32 +83,49 @@ class ProbeResult:
     skipped: list[str] = field(default_factory=list)
 
 
+def probe_scores(train_feats: np.ndarray, train_labels: np.ndarray, eval_feats: np.ndarray,
+                 *, c: float = 1.0, max_iter: int = 2000) -> np.ndarray:
+    """Decision scores [M, F] of a standardised logistic regression per finding, fitted on the
+    train rows whose label is known; a finding with one class only among them scores NaN.
+
+    The solver (lbfgs) is deterministic, so the same features give the same scores. `c` is
+    scikit-learn's inverse regularisation strength C.
+    """
+    train_labels = np.asarray(train_labels, dtype=np.float64)  # [N, F]
+    scaler = StandardScaler().fit(train_feats)
+    xt = scaler.transform(train_feats)  # [N, D]
+    xe = scaler.transform(eval_feats)  # [M, D]
+    scores = np.full((len(eval_feats), train_labels.shape[1]), np.nan)  # [M, F]
+    for j in range(train_labels.shape[1]):
+        yt = train_labels[:, j]  # [N]
+        known = ~np.isnan(yt)
+        if len(np.unique(yt[known])) == 2:
+            clf = LogisticRegression(C=c, max_iter=max_iter).fit(xt[known], yt[known])
+            scores[:, j] = clf.decision_function(xe)
+    return scores
+
+
 def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray,
                  val_labels: np.ndarray, findings: Sequence[str], *, c: float = 1.0,
                  max_iter: int = 2000) -> ProbeResult:
-    """Fit a standardised logistic regression per finding on train, score AUC on val.
+    """Fit `probe_scores` on train, score ROC AUC per finding on val.
 
-    Labels are [N, F] with 1, 0 or NaN (unknown); NaN rows are dropped per finding. The
-    solver (lbfgs) is deterministic, so the same features give the same numbers. `c` is
-    scikit-learn's inverse regularisation strength C.
+    Labels are [N, F] with 1, 0 or NaN (unknown); NaN rows are dropped per finding.
     """
     train_labels = np.asarray(train_labels, dtype=np.float64)  # [N, F]
     val_labels = np.asarray(val_labels, dtype=np.float64)  # [M, F]
     _check_pair(train_feats, train_labels, findings, "train")
     _check_pair(val_feats, val_labels, findings, "val")
-    scaler = StandardScaler().fit(train_feats)
-    xt = scaler.transform(train_feats)  # [N, D]
-    xv = scaler.transform(val_feats)  # [M, D]
+    scores = probe_scores(train_feats, train_labels, val_feats, c=c, max_iter=max_iter)
     per_finding: dict[str, float] = {}
     skipped: list[str] = []
     for j, name in enumerate(findings):
-        yt, yv = train_labels[:, j], val_labels[:, j]  # [N], [M]
-        kt, kv = ~np.isnan(yt), ~np.isnan(yv)  # [N], [M]
-        if len(np.unique(yt[kt])) < 2 or len(np.unique(yv[kv])) < 2:
+        yv = val_labels[:, j]  # [M]
+        kv = ~np.isnan(yv)
+        if np.isnan(scores[:, j]).all() or len(np.unique(yv[kv])) < 2:
             skipped.append(name)
             continue
-        clf = LogisticRegression(C=c, max_iter=max_iter).fit(xt[kt], yt[kt])
-        per_finding[name] = float(roc_auc_score(yv[kv], clf.decision_function(xv[kv])))
+        per_finding[name] = float(roc_auc_score(yv[kv], scores[kv, j]))
     mean_auc = float(np.mean(list(per_finding.values()))) if per_finding else float("nan")
     return ProbeResult(mean_auc, per_finding, len(train_feats), len(val_feats), skipped)
 
@@ -120,13 +140,61 @@ def probe_cache(encoder_fn: Callable[[Tensor], Tensor], transform: Callable[[Ten
     rows), so the probe stays quick on full data."""
     def features(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = rows[:max_images]
-        images = np.asarray(cache.images[rows])[:, None]  # [N, 1, S, S] uint8
-        return (extract_features(encoder_fn, images, batch_size, transform, device=device),
-                cache.labels[rows])
+        return (cache_features(encoder_fn, transform, cache, rows, batch_size=batch_size,
+                               device=device), cache.labels[rows])
 
     train = features(np.asarray(train_rows))
     return {split: linear_probe(*train, *features(cache.split_indices(split)), cache.findings)
             for split in eval_splits}
+
+
+def cache_features(encoder_fn: Callable[[Tensor], Tensor], transform: Callable[[Tensor], Tensor],
+                   cache: Cache, rows: np.ndarray, *, batch_size: int = 128,
+                   device: torch.device | str | None = None) -> np.ndarray:
+    """`extract_features` [N, D] of the cache's images at `rows`."""
+    images = np.asarray(cache.images[np.asarray(rows)])[:, None]  # [N, 1, S, S] uint8
+    return extract_features(encoder_fn, images, batch_size, transform, device=device)
+
+
+# Features of the cache's train split and of the split a comparison scores, for one seed:
+# seed -> ([N_train, D], [N_eval, D]). A pre-trained encoder returns the same for every seed;
+# a random one draws its weights from the seed.
+SeedFeatures = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def compare_on_label_shares(cache: Cache, features_a: SeedFeatures, features_b: SeedFeatures,
+                            shares: Sequence[float], seeds: Sequence[int], *,
+                            split: str = "test", n_boot: int = 1000) -> pd.DataFrame:
+    """Probe b against probe a, each fitted on the same labelled training rows (a seeded share
+    of the training patients, `label_subset`) and scored on the same `split` images: one row a
+    (share, seed) with both mean AUCs and the difference b - a with its paired patient-bootstrap
+    95% interval, over the findings both probes could fit (both classes among the labelled
+    rows); a share where none could be fitted gives NaN."""
+    train_rows, eval_rows = cache.split_indices("train"), cache.split_indices(split)
+    targets = cache.labels[eval_rows]  # [M, F]
+    patients = cache.index["patient"].to_numpy()[eval_rows]
+    rows = []
+    for seed in seeds:
+        (train_a, eval_a), (train_b, eval_b) = features_a(seed), features_b(seed)
+        for share in shares:
+            kept = np.isin(train_rows, label_subset(cache, share, seed))  # [N_train]
+            labels = cache.labels[train_rows[kept]]
+            a = probe_scores(train_a[kept], labels, eval_a)  # [M, F]
+            b = probe_scores(train_b[kept], labels, eval_b)
+            row = {"share": share, "seed": seed, "labelled images": int(kept.sum())}
+            fitted = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)  # [F]
+            if not fitted.any():
+                rows.append({**row, **dict.fromkeys(COMPARED, np.nan)})
+                continue
+            r = paired_comparison(a[:, fitted], b[:, fitted], targets[:, fitted], patients,
+                                  list(np.asarray(cache.findings)[fitted]), n_boot=n_boot,
+                                  seed=seed)
+            rows.append({**row, "auc_a": r.mean_auc_a, "auc_b": r.mean_auc_b, "diff": r.diff,
+                         "lower": r.lower, "upper": r.upper})
+    return pd.DataFrame(rows, columns=["share", "seed", "labelled images", *COMPARED])
+
+
+COMPARED = ["auc_a", "auc_b", "diff", "lower", "upper"]  # compare_on_label_shares' measures
 
 
 def _check_pair(feats: np.ndarray, labels: np.ndarray, findings: Sequence[str],

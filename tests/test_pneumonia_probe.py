@@ -1,0 +1,158 @@
+"""The frozen-feature comparison over label shares and seeds (chapter 4's pneumonia probe):
+probe scores, the paired comparison per seed, the interval over seeds, and its words."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr_lib.analysis.stats import seed_interval
+from cxr_lib.chapters import finetuning_ablations as ch4
+from cxr_lib.chapters.mae_pretraining import carried_words
+from cxr_lib.chapters.setup import chapter_cache, pediatric_dataset, pooled_cache
+from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.data.samples import samples_root
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.methods.mae import (
+    MaeRecipe,
+    load_encoder,
+    pretrain_mae,
+    save_encoder,
+    untrained_encoder,
+)
+from cxr_lib.methods.probe import compare_on_label_shares, probe_scores
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return chapter_cache(tmp_path_factory.mktemp("work"), phantom_dataset(300, size=32, seed=3), 32)
+
+
+def test_seed_interval_is_the_student_t_interval_and_says_when_there_is_none():
+    mean, lower, upper = seed_interval([0.01, 0.03, 0.02, np.nan])
+    assert mean == pytest.approx(0.02)
+    assert (upper - mean) == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    assert lower == pytest.approx(2 * mean - upper)
+    one = seed_interval([0.5])
+    assert one[0] == 0.5 and math.isnan(one[1]) and math.isnan(one[2])
+    assert all(math.isnan(v) for v in seed_interval([]))
+    assert all(math.isnan(v) for v in seed_interval([np.nan, np.nan]))
+
+
+def test_probe_scores_leave_a_one_class_finding_unscored():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    labels = np.column_stack([(x[:, 0] > 0).astype(float), np.ones(40), np.full(40, np.nan)])
+    scores = probe_scores(x, labels, x[:5])
+    assert scores.shape == (5, 3)
+    assert np.isfinite(scores[:, 0]).all() and np.isnan(scores[:, 1:]).all()
+    assert np.array_equal(scores, probe_scores(x, labels, x[:5]), equal_nan=True)
+
+
+def _features(cache, informative: bool):
+    """Features of the train and test rows: the labels plus noise, or noise alone."""
+    def draw(seed: int):
+        out = []
+        for split in ("train", "test"):
+            labels = np.nan_to_num(cache.labels[cache.split_indices(split)])
+            rng = np.random.default_rng([seed, len(labels)])
+            noise = rng.normal(size=(len(labels), 4))
+            out.append(np.hstack([labels * 3.0 * informative, noise]) if informative else noise)
+        return tuple(out)
+    return draw
+
+
+def test_informative_features_beat_noise_in_every_seed(cache):
+    table = compare_on_label_shares(cache, _features(cache, False), _features(cache, True),
+                                    [0.5, 1.0], range(3), n_boot=200)
+    assert list(table["share"]) == [0.5, 1.0] * 3 and list(table["seed"]) == [0, 0, 1, 1, 2, 2]
+    full = len(cache.split_indices("train"))
+    assert (table.loc[table["share"] == 1.0, "labelled images"] == full).all()
+    assert (table.loc[table["share"] == 0.5, "labelled images"] < full).all()
+    assert np.allclose(table["diff"], table["auc_b"] - table["auc_a"])
+    assert (table["diff"] > 0).all() and (table["lower"] <= table["diff"]).all()
+    verdicts = ch4.probe_verdicts(table)
+    assert list(verdicts["seeds"]) == [3, 3] and list(verdicts["seeds ahead"]) == [3, 3]
+    assert (verdicts["seed lower"] > 0).all()
+    words = ch4.pneumonia_words(verdicts)
+    assert words["pneumonia_probe_sentence"].count("decided: the MAE encoder's features") == 2
+    assert words["pneumonia_verdict"].startswith("on pneumonia, with 50% of the training labels")
+
+
+def test_decided_needs_the_interval_over_seeds_and_one_direction():
+    assert ch4.decided(0.03, 0.01, 0.05, 10, 10) == "MAE ahead"
+    assert ch4.decided(-0.03, -0.05, -0.01, 3, 0) == "random ahead"
+    assert ch4.decided(0.03, 0.01, 0.05, 10, 9) == "not decided"  # one seed the other way
+    assert ch4.decided(0.01, -0.01, 0.03, 10, 10) == "not decided"
+    assert ch4.decided(0.03, math.nan, math.nan, 1, 1) == "not decided"
+    assert ch4.decided(math.nan, math.nan, math.nan, 0, 0) == "not decided"
+
+
+def test_probe_sentence_reads_one_seed_none_and_a_tie():
+    one = ch4.probe_sentence(0.1, 56.4, 1, 0.9, 0.93, 0.03, math.nan, math.nan, 1, 1)
+    assert "one seed, so no interval over seeds" in one and "not decided at this scale" in one
+    assert "about 56 images" in one
+    none = ch4.probe_sentence(0.1, 56, 0, math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0)
+    assert "no seed could be scored" in none
+    tie = ch4.probe_sentence(1.0, 566, 10, 0.95, 0.95, 0.0, -0.01, 0.01, 5, 0)
+    assert "[-0.010, +0.010]" in tie and "MAE was ahead in 5 of 10 seeds" in tie
+    assert tie.endswith("not decided at this scale")
+
+
+def test_without_a_pediatric_root_the_comparison_says_it_did_not_run(tmp_path):
+    assert ch4.pneumonia_cache(tmp_path, None, 32, 0) is None
+    table = ch4.pneumonia_probes(tmp_path / "unused.pt", None, [0.1], 3)
+    assert table.empty
+    words = ch4.pneumonia_words(ch4.probe_verdicts(table))
+    assert words["pneumonia_probe_sentence"].startswith("The pneumonia comparison did not run")
+    assert ch4.pneumonia_data_words(None)["pneumonia_split"].startswith("no split")
+
+
+def test_all_nan_rows_make_an_unscored_share():
+    table = pd.DataFrame({"share": [0.1, 0.1], "seed": [0, 1], "labelled images": [5, 6],
+                          **{c: [np.nan, np.nan] for c in ("auc_a", "auc_b", "diff", "lower",
+                                                           "upper")}})
+    verdicts = ch4.probe_verdicts(table)
+    assert verdicts["seeds"].iloc[0] == 0
+    assert "no seed could be scored" in ch4.pneumonia_words(verdicts)["pneumonia_probe_sentence"]
+
+
+def test_real_pediatric_images_pool_with_nih_and_keep_their_test_patients_out(tmp_path):
+    """The shipped samples, pooled for pre-training: each source keeps its own split, and the
+    pneumonia task's cache has the same test patients as the pool."""
+    ped = pediatric_dataset(samples_root() / "pediatric-pneumonia-sample", seed=0)
+    pooled = pooled_cache(tmp_path, [phantom_dataset(20, size=32, seed=1), ped], 32)
+    task = ch4.pneumonia_cache(tmp_path, samples_root() / "pediatric-pneumonia-sample", 32, 0)
+    in_pool = pooled.index[pooled.index["source"] == "pediatric"]
+    assert set(in_pool.loc[in_pool["split"] == "test", "id"]) == set(
+        task.index.loc[task.index["split"] == "test", "id"])
+    assert task.findings == ["Pneumonia"] and len(task.split_indices("test")) > 0
+    words = carried_words(pooled, 7)
+    n_train = len(pooled.split_indices("train"))
+    assert words["carried_data"].startswith(f"{n_train:,} training images (")
+    assert "pediatric chest X-rays (Kermany et al.)" in words["carried_data"]
+    assert words["carried_epochs"] == "7"
+    assert "with pneumonia" in ch4.pneumonia_data_words(task)["pneumonia_split"]
+    with pytest.raises(ValueError, match="no data set given"):
+        pooled_cache(tmp_path, [None], 32)
+
+
+def test_untrained_encoder_has_the_saved_recipe_and_view_and_seeded_weights(cache, tmp_path):
+    recipe = MaeRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8, decoder_dim=32,
+                       decoder_depth=1, decoder_heads=2)
+    pre = pretrain_mae(cache, recipe, TrainConfig(epochs=1, batch_size=16, base_lr=1e-3,
+                                                  warmup_epochs=0), tmp_path, progress=False)
+    path = save_encoder(pre, tmp_path / "mae.pt")
+    trained, view = load_encoder(path)
+    a, view_a = untrained_encoder(path, 0)
+    b, _ = untrained_encoder(path, 0)
+    c, _ = untrained_encoder(path, 1)
+    assert (view_a.mean, view_a.std, view_a.size) == (view.mean, view.std, view.size)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
+        assert not torch.equal(a(x), trained(x))
