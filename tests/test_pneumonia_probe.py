@@ -80,6 +80,8 @@ def test_informative_features_beat_noise_in_every_seed(cache):
     assert (verdicts["seed lower"] > 0).all()
     words = ch4.pneumonia_words(verdicts)
     assert words["pneumonia_probe_sentence"].count("decided: the MAE encoder's features") == 2
+    assert words["pneumonia_probe_sentence"].count("MAE was ahead in 3 of 3 seeds") == 2
+    assert "interval over 3 seeds [" in words["pneumonia_verdict"]
     assert words["pneumonia_verdict"].startswith("on pneumonia, with 50% of the training labels")
 
 

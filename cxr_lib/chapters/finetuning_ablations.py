@@ -579,10 +579,10 @@ def pneumonia_words(verdicts: pd.DataFrame) -> dict[str, str]:
                "(parameter `pediatric_root`)")
         return {"pneumonia_probe_sentence": why[0].upper() + why[1:] + ".",
                 "pneumonia_verdict": why}
-    texts = [probe_sentence(r["share"], r["labelled images"], r["seeds"], r["random AUC"],
+    texts = [probe_sentence(r["share"], r["labelled images"], int(r["seeds"]), r["random AUC"],
                             r["MAE AUC"], r["difference"], r["seed lower"], r["seed upper"],
-                            r["seeds ahead"], r["bootstrap excludes 0"])
-             for _, r in verdicts.iterrows()]
+                            int(r["seeds ahead"]), int(r["bootstrap excludes 0"]))
+             for r in verdicts.to_dict("records")]
     text = "; ".join(texts)
     return {"pneumonia_probe_sentence": text[0].upper() + text[1:] + ".",
             "pneumonia_verdict": "on pneumonia, " + texts[0]}
