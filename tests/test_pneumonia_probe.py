@@ -2,6 +2,7 @@
 probe scores, the paired comparison per seed, the interval over seeds, and its words."""
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -112,6 +113,10 @@ def test_without_a_pediatric_root_the_comparison_says_it_did_not_run(tmp_path):
     words = ch4.pneumonia_words(ch4.probe_verdicts(table))
     assert words["pneumonia_probe_sentence"].startswith("The pneumonia comparison did not run")
     assert ch4.pneumonia_data_words(None)["pneumonia_split"].startswith("no split")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty legend would warn the reader
+        fig = ch4.pneumonia_figure(table)
+    assert "not run" in fig.axes[0].texts[0].get_text()
 
 
 def test_all_nan_rows_make_an_unscored_share():

@@ -605,7 +605,11 @@ def pneumonia_figure(table: pd.DataFrame) -> Figure:
         ax.set(title=f"{share:.0%} of the training labels", xlabel="seed",
                xticks=part["seed"].to_numpy())
     axes[0][0].set_ylabel("test AUC, MAE - random encoder")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    if shares:
+        axes[0][0].legend(fontsize=7, loc="lower left")
+    else:
+        axes[0][0].text(0.5, 0.5, "not run: no pediatric root given", ha="center",
+                        va="center", transform=axes[0][0].transAxes)
     fig.suptitle("Frozen features on pneumonia: paired differences by seed", fontsize=10)
     fig.tight_layout()
     return fig
