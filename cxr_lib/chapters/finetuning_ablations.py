@@ -34,7 +34,7 @@ from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.finetune import FinetuneRecipe
 from cxr_lib.methods.grid import run_grid, run_points, seed_summary
 from cxr_lib.methods.mae import load_encoder, untrained_encoder
-from cxr_lib.methods.probe import COMPARED, cache_features, compare_on_label_shares
+from cxr_lib.methods.probe import SHARE_COMPARISON, cache_features, compare_on_label_shares
 from cxr_lib.models.classifier import WeightsUnavailable, imagenet_weights
 
 # The arms' labels: the two families and the starts each is fine-tuned from.
@@ -507,7 +507,7 @@ def pneumonia_probes(mae_file: str | Path, cache: Cache | None, shares: Sequence
     Seed s draws both the labelled patients and the random encoder's weights. No cache (no
     pediatric root): no rows."""
     if cache is None:
-        return pd.DataFrame(columns=["share", "seed", "labelled images", *COMPARED])
+        return pd.DataFrame(columns=SHARE_COMPARISON)
     splits = [cache.split_indices(split) for split in ("train", "test")]
 
     def features(encoder, view) -> tuple[np.ndarray, np.ndarray]:

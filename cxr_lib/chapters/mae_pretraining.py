@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 
 from cxr_lib.augment.crops import MaeAugment
 from cxr_lib.chapters.plots import image_grid, mae_pictures
-from cxr_lib.chapters.sentences import floor_sentence, names, span, sweep_sentence
-from cxr_lib.chapters.setup import DESCRIBED, images_origin
+from cxr_lib.chapters.sentences import floor_sentence, span, sweep_sentence
+from cxr_lib.chapters.setup import images_origin, source_counts
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.mae import (
@@ -399,7 +399,5 @@ def carried_encoder(pooled: Cache, recipe: MaeRecipe, config: TrainConfig, run_r
 def carried_words(pooled: Cache, epochs: int) -> dict[str, str]:
     """carried_data (the training images it saw, by source) and carried_epochs."""
     train = pooled.index.iloc[pooled.split_indices("train")]
-    counts = train["source"].value_counts(sort=False)
-    parts = [f"{n:,} {DESCRIBED.get(source, source)}" for source, n in counts.items()]
-    return {"carried_data": f"{len(train):,} training images ({names(parts)})",
+    return {"carried_data": f"{len(train):,} training images ({source_counts(train)})",
             "carried_epochs": f"{epochs}"}

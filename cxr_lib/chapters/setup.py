@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from fastai.torch_core import default_device
 
@@ -63,15 +64,19 @@ def chapter_cache(work_dir: str | Path, dataset: XrayDataset, size: int) -> Cach
 def images_used(cache: Cache, *roots: str | Path | None) -> str:
     """The images a chapter ran on, for its first lines: how many of each source, whether they
     are the samples shipped with the project, and the size they were cached at."""
-    counts = cache.index["source"].value_counts(sort=False)
-    if counts.empty:
+    if cache.index.empty:
         raise ValueError(f"cache {cache.name!r} holds no images")
-    parts = [f"{n:,} {DESCRIBED.get(source, source)}" for source, n in counts.items()]
     shipped = [Path(r).resolve() for r in roots if r]
     shipped = shipped and all(r.is_relative_to(samples_root().resolve()) for r in shipped)
     where = " (the samples shipped with the project)" if shipped else ""
-    fake = " — drawn, not X-rays" if set(counts.index) <= PHANTOMS else ""
-    return f"{names(parts)}{where}, cached at {cache.size} px{fake}"
+    fake = " — drawn, not X-rays" if set(cache.index["source"]) <= PHANTOMS else ""
+    return f"{source_counts(cache.index)}{where}, cached at {cache.size} px{fake}"
+
+
+def source_counts(index: pd.DataFrame) -> str:
+    """How many images of each source a cache index (or part of one) holds, in words."""
+    counts = index["source"].value_counts(sort=False)
+    return names([f"{n:,} {DESCRIBED.get(source, source)}" for source, n in counts.items()])
 
 
 def images_origin(data_root: str | Path | None) -> str:

@@ -191,10 +191,11 @@ def compare_on_label_shares(cache: Cache, features_a: SeedFeatures, features_b: 
                                   seed=seed)
             rows.append({**row, "auc_a": r.mean_auc_a, "auc_b": r.mean_auc_b, "diff": r.diff,
                          "lower": r.lower, "upper": r.upper})
-    return pd.DataFrame(rows, columns=["share", "seed", "labelled images", *COMPARED])
+    return pd.DataFrame(rows, columns=SHARE_COMPARISON)
 
 
 COMPARED = ["auc_a", "auc_b", "diff", "lower", "upper"]  # compare_on_label_shares' measures
+SHARE_COMPARISON = ["share", "seed", "labelled images", *COMPARED]  # and its columns
 
 
 def _check_pair(feats: np.ndarray, labels: np.ndarray, findings: Sequence[str],
