@@ -1,6 +1,7 @@
 """The frozen-feature comparison over label shares and seeds (chapter 4's pneumonia probe):
 probe scores, the paired comparison per seed, the interval over seeds, and its words."""
 
+import dataclasses
 import math
 import warnings
 
@@ -16,6 +17,7 @@ from cxr_lib.chapters.setup import chapter_cache, pediatric_dataset, pooled_cach
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.data.samples import samples_root
 from cxr_lib.engine.config import TrainConfig
+from cxr_lib.methods.finetune import FinetuneRecipe
 from cxr_lib.methods.mae import (
     MaeRecipe,
     load_encoder,
@@ -23,7 +25,7 @@ from cxr_lib.methods.mae import (
     save_encoder,
     untrained_encoder,
 )
-from cxr_lib.methods.probe import compare_on_label_shares, probe_scores
+from cxr_lib.methods.probe import SHARE_COMPARISON, compare_on_label_shares, probe_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -76,14 +78,14 @@ def test_informative_features_beat_noise_in_every_seed(cache):
     assert (table.loc[table["share"] == 0.5, "labelled images"] < full).all()
     assert np.allclose(table["diff"], table["auc_b"] - table["auc_a"])
     assert (table["diff"] > 0).all() and (table["lower"] <= table["diff"]).all()
-    verdicts = ch4.probe_verdicts(table)
+    verdicts = ch4.share_verdicts(table)
     assert list(verdicts["seeds"]) == [3, 3] and list(verdicts["seeds ahead"]) == [3, 3]
     assert (verdicts["seed lower"] > 0).all()
-    words = ch4.pneumonia_words(verdicts)
+    words = ch4.comparison_words(verdicts, ch4.PROBED, "pneumonia_probe")
     assert words["pneumonia_probe_sentence"].count("decided: the MAE encoder's features") == 2
     assert words["pneumonia_probe_sentence"].count("MAE was ahead in 3 of 3 seeds") == 2
-    assert "interval over 3 seeds [" in words["pneumonia_verdict"]
-    assert words["pneumonia_verdict"].startswith("on pneumonia, with 50% of the training labels")
+    assert "interval over 3 seeds [" in words["pneumonia_probe_sentence"]
+    assert words["pneumonia_probe_sentence"].startswith("With 50% of the training labels")
 
 
 def test_decided_needs_the_interval_over_seeds_and_one_direction():
@@ -96,12 +98,13 @@ def test_decided_needs_the_interval_over_seeds_and_one_direction():
 
 
 def test_probe_sentence_reads_one_seed_none_and_a_tie():
-    one = ch4.probe_sentence(0.1, 56.4, 1, 0.9, 0.93, 0.03, math.nan, math.nan, 1, 1)
+    one = ch4.share_sentence(ch4.PROBED, 0.1, 56.4, 1, 0.9, 0.93, 0.03, math.nan, math.nan, 1, 1)
     assert "one seed, so no interval over seeds" in one and "not decided at this scale" in one
-    assert "about 56 images" in one
-    none = ch4.probe_sentence(0.1, 56, 0, math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0)
+    assert "about 56 images" in one and "MAE was ahead in its one seed" in one
+    nan = math.nan
+    none = ch4.share_sentence(ch4.PROBED, 0.1, 56, 0, nan, nan, nan, nan, nan, 0, 0)
     assert "no seed could be scored" in none
-    tie = ch4.probe_sentence(1.0, 566, 10, 0.95, 0.95, 0.0, -0.01, 0.01, 5, 0)
+    tie = ch4.share_sentence(ch4.PROBED, 1.0, 566, 10, 0.95, 0.95, 0.0, -0.01, 0.01, 5, 0)
     assert "[-0.010, +0.010]" in tie and "MAE was ahead in 5 of 10 seeds" in tie
     assert tie.endswith("not decided at this scale")
 
@@ -110,12 +113,12 @@ def test_without_a_pediatric_root_the_comparison_says_it_did_not_run(tmp_path):
     assert ch4.pneumonia_cache(tmp_path, None, 32, 0) is None
     table = ch4.pneumonia_probes(tmp_path / "unused.pt", None, [0.1], 3)
     assert table.empty
-    words = ch4.pneumonia_words(ch4.probe_verdicts(table))
+    words = ch4.comparison_words(ch4.share_verdicts(table), ch4.PROBED, "pneumonia_probe")
     assert words["pneumonia_probe_sentence"].startswith("The pneumonia comparison did not run")
     assert ch4.pneumonia_data_words(None)["pneumonia_split"].startswith("no split")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an empty legend would warn the reader
-        fig = ch4.pneumonia_figure(table)
+        fig = ch4.pneumonia_figure(table, "Frozen features", "random encoder")
     assert "not run" in fig.axes[0].texts[0].get_text()
 
 
@@ -123,9 +126,10 @@ def test_all_nan_rows_make_an_unscored_share():
     table = pd.DataFrame({"share": [0.1, 0.1], "seed": [0, 1], "labelled images": [5, 6],
                           **{c: [np.nan, np.nan] for c in ("auc_a", "auc_b", "diff", "lower",
                                                            "upper")}})
-    verdicts = ch4.probe_verdicts(table)
+    verdicts = ch4.share_verdicts(table)
     assert verdicts["seeds"].iloc[0] == 0
-    assert "no seed could be scored" in ch4.pneumonia_words(verdicts)["pneumonia_probe_sentence"]
+    words = ch4.comparison_words(verdicts, ch4.PROBED, "pneumonia_probe")
+    assert "no seed could be scored" in words["pneumonia_probe_sentence"]
 
 
 def test_real_pediatric_images_pool_with_nih_and_keep_their_test_patients_out(tmp_path):
@@ -163,3 +167,79 @@ def test_untrained_encoder_has_the_saved_recipe_and_view_and_seeded_weights(cach
     with torch.no_grad():
         assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
         assert not torch.equal(a(x), trained(x))
+
+
+def _write_scores(work, run, cache, scores):
+    """A run's test scores as `finetune` saves them, rows in reverse order (read by id)."""
+    test = cache.split_indices("test")
+    table = pd.DataFrame(scores, columns=cache.findings)
+    table.insert(0, "patient", cache.index["patient"].to_numpy()[test])
+    table.insert(0, "id", cache.index["id"].to_numpy()[test])
+    folder = work / "runs" / run
+    folder.mkdir(parents=True)
+    table.iloc[::-1].to_parquet(folder / "test_scores.parquet")
+
+
+def test_finetune_comparison_pairs_the_starts_by_share_and_seed(tmp_path, cache):
+    labels = np.nan_to_num(cache.labels[cache.split_indices("test")])
+    rows = []
+    for share in (0.5, 1.0):
+        for seed in range(3):
+            noise = np.random.default_rng(seed).normal(size=labels.shape)
+            for start, scores in ((ch4.RANDOM, noise), (ch4.MAE, noise + 3 * labels)):
+                run = f"finetune-{start[:3]}-{share}-{seed}"
+                _write_scores(tmp_path, run, cache, scores)
+                rows.append({"start": start, "train_fraction": share, "seed": seed, "run": run,
+                             "train_images": int(100 * share)})
+    pairs = ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path, n_boot=200)
+    assert list(pairs.columns) == SHARE_COMPARISON
+    assert list(pairs["share"]) == [0.5] * 3 + [1.0] * 3
+    assert list(pairs["labelled images"]) == [50] * 3 + [100] * 3
+    assert (pairs["auc_b"] > 0.9).all() and (pairs["auc_a"] < 0.8).all()
+    assert (pairs["lower"] > 0).all()
+    words = ch4.comparison_words(ch4.share_verdicts(pairs), ch4.FINETUNED, "pneumonia_finetune")
+    sentence = words["pneumonia_finetune_sentence"]
+    assert sentence.count("decided: the MAE start is the better one") == 2
+    assert sentence.count("MAE was ahead in 3 of 3 seeds") == 2
+    assert sentence.count("the paired bootstrap over test patients excluded zero in 3 of 3") == 2
+    assert "the ViT fine-tuned from MAE reached a test AUC of" in sentence
+    assert "for the same ViT fine-tuned from random weights" in sentence
+    assert sentence.startswith("With 50% of the training labels (about 50 images)")
+
+
+def test_a_random_start_that_wins_in_every_seed_is_decided_its_way(tmp_path, cache):
+    labels = np.nan_to_num(cache.labels[cache.split_indices("test")])
+    rows = []
+    for seed in range(3):
+        noise = np.random.default_rng(seed).normal(size=labels.shape)
+        for start, scores in ((ch4.RANDOM, noise + 3 * labels), (ch4.MAE, noise)):
+            _write_scores(tmp_path, f"{start[:3]}{seed}", cache, scores)
+            rows.append({"start": start, "train_fraction": 1.0, "seed": seed,
+                         "run": f"{start[:3]}{seed}", "train_images": 100})
+    verdicts = ch4.share_verdicts(ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path,
+                                                          n_boot=200))
+    sentence = ch4.comparison_words(verdicts, ch4.FINETUNED, "x")["x_sentence"]
+    assert "MAE was ahead in 0 of 3 seeds" in sentence
+    assert sentence.endswith("decided: the random start is the better one.")
+
+
+def test_pneumonia_starts_differ_only_in_the_start_and_the_random_start_s_decay(tmp_path):
+    vit = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8)
+    starts = ch4.pneumonia_starts(vit, tmp_path / "mae.pt", 64)
+    random, mae = starts[ch4.RANDOM], starts[ch4.MAE]
+    assert (random.init, random.layer_decay, random.image_size) == ("random", 1.0, 64)
+    assert (mae.init, mae.weights, mae.layer_decay) == ("mae", str(tmp_path / "mae.pt"), 0.55)
+    assert dataclasses.replace(mae, init="random", weights=None, layer_decay=1.0) == random
+    assert ch4.finetune_setup_words(10, 64, 3) == {
+        "pneumonia_epochs": "10", "pneumonia_size": "64 px", "pneumonia_seeds": "3 seeds"}
+
+
+def test_without_a_pediatric_root_nothing_is_fine_tuned(tmp_path):
+    vit = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8)
+    starts = ch4.pneumonia_starts(vit, tmp_path / "mae.pt", 32)
+    table = ch4.run_pneumonia_finetunes(starts, None, TrainConfig(), [0.1], 3, tmp_path)
+    assert table.empty and not (tmp_path / "pneumonia_finetunes.parquet").exists()
+    pairs = ch4.finetune_comparison(table, None, tmp_path)
+    assert pairs.empty and list(pairs.columns) == SHARE_COMPARISON
+    words = ch4.comparison_words(ch4.share_verdicts(pairs), ch4.FINETUNED, "pneumonia_finetune")
+    assert words["pneumonia_finetune_sentence"].startswith("The pneumonia comparison did not run")

@@ -24,8 +24,14 @@ import torch
 from fastai.torch_core import default_device
 from matplotlib.figure import Figure
 
-from cxr_lib.analysis.stats import seed_interval
-from cxr_lib.chapters.files import chapter4_table_name, chapter4_table_paths
+from cxr_lib.analysis.stats import paired_comparison, seed_interval
+from cxr_lib.chapters.files import (
+    PNEUMONIA_FINETUNES,
+    chapter4_table_name,
+    chapter4_table_paths,
+    runs_dir,
+    test_scores,
+)
 from cxr_lib.chapters.sentences import check_sentence, sweep_sentence
 from cxr_lib.chapters.setup import chapter_cache, images_origin, pediatric_dataset
 from cxr_lib.data.cache import Cache
@@ -475,20 +481,40 @@ def label_words(label_table: pd.DataFrame, cache: Cache, fractions: Sequence[flo
 # ----------------------------------------------------------------------------- carried forward
 
 def carried_words(work: str | Path) -> dict[str, str]:
-    """How many distinct runs chapter 4's tables hold, and the tables' files."""
+    """How many distinct runs chapter 4's tables hold (its pneumonia runs' among them), and
+    the tables' files."""
     paths = chapter4_table_paths(work)
     if not paths:
         raise FileNotFoundError(f"chapter 4 wrote no table of runs under {work}")
+    pneumonia = runs_dir(work) / f"{PNEUMONIA_FINETUNES}.parquet"
+    paths += [pneumonia] if pneumonia.is_file() else []
     all_rows = pd.concat([pd.read_parquet(p) for p in paths])
     n_runs, names = all_rows["run"].nunique(), [p.name for p in paths]
     print(f"{n_runs} distinct runs; tables: {', '.join(names)}")
     return {"n_runs": f"{n_runs}", "tables": ", ".join(f"`{name}`" for name in names)}
 
 
-# ----------------------------------------------------------------------------- pneumonia, frozen
+# ----------------------------------------------------------------------------- pneumonia
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
-PROBE_FLOOR = "a random encoder"  # what the MAE encoder's frozen features are judged against
+
+
+@dataclass(frozen=True)
+class Compared:
+    """How the words name one paired comparison of an MAE start with a random one: the two
+    arms, and the verdict each way."""
+
+    ours: str
+    rival: str
+    ours_better: str
+    rival_better: str
+
+
+PROBED = Compared("a probe on the MAE encoder's frozen features", "a random encoder",
+                  "the MAE encoder's features are the better ones",
+                  "the random encoder's features are the better ones")
+FINETUNED = Compared("the ViT fine-tuned from MAE", "the same ViT fine-tuned from random weights",
+                     "the MAE start is the better one", "the random start is the better one")
 
 
 def pneumonia_cache(work: str | Path, pediatric_root: str | Path | None, size: int, seed: int
@@ -520,10 +546,67 @@ def pneumonia_probes(mae_file: str | Path, cache: Cache | None, shares: Sequence
                                    n_boot=n_boot)
 
 
-def probe_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per share: the seeds, both mean AUCs, the mean difference (MAE - random) with its
-    95% interval over seeds (`seed_interval`), the seeds MAE was ahead in, and the seeds whose
-    paired bootstrap interval over test patients excluded zero."""
+def pneumonia_starts(vit: FinetuneRecipe, mae_file: str | Path, image_size: int
+                     ) -> dict[str, FinetuneRecipe]:
+    """The two starts fine-tuned on pneumonia, at `image_size`: MAE with the chapter's recipe,
+    and random weights with the same recipe but a layer-wise decay of 1.0 (none), since the
+    decay would hold a random ViT's first blocks near their random start."""
+    base = dataclasses.replace(vit, image_size=image_size)
+    return {RANDOM: dataclasses.replace(base, layer_decay=1.0),
+            MAE: dataclasses.replace(base, init="mae", weights=str(mae_file))}
+
+
+def finetune_setup_words(epochs: int, image_size: int, n_seeds: int) -> dict[str, str]:
+    """The pneumonia fine-tuning's schedule, image size and seeds, as the prose quotes them."""
+    return {"pneumonia_epochs": f"{epochs}", "pneumonia_size": f"{image_size} px",
+            "pneumonia_seeds": seeds_words(n_seeds)}
+
+
+def run_pneumonia_finetunes(starts: Mapping[str, FinetuneRecipe], cache: Cache | None,
+                            config: TrainConfig, shares: Sequence[float], n_seeds: int,
+                            run_root: str | Path) -> pd.DataFrame:
+    """Fine-tune (or load) every start on every share of the pneumonia task's training labels
+    with seeds 0..n_seeds-1 (seed s draws the labelled patients, the batches and the head);
+    one row a run, with its `start`. No cache (no pediatric root): no rows."""
+    if cache is None:
+        return pd.DataFrame(columns=["start", "train_fraction", "seed", "run"])
+    keys = [(name, share, seed) for name in starts for share in shares for seed in range(n_seeds)]
+    points = [(dataclasses.replace(starts[name], train_fraction=share),
+               dataclasses.replace(config, seed=seed)) for name, share, seed in keys]
+    table = run_points(points, cache, run_root, name=PNEUMONIA_FINETUNES)
+    table.insert(0, "start", [name for name, _, _ in keys])
+    return table
+
+
+def finetune_comparison(table: pd.DataFrame, cache: Cache | None, work: str | Path,
+                        n_boot: int = 1000) -> pd.DataFrame:
+    """The MAE start's run against the random start's with the same share and seed, on the
+    test split: one row a (share, seed) in `compare_on_label_shares`' columns (a: random,
+    b: MAE), the paired patient-bootstrap interval from each run's saved test scores."""
+    if cache is None or table.empty:
+        return pd.DataFrame(columns=SHARE_COMPARISON)
+    test = cache.split_indices("test")
+    ids = cache.index["id"].to_numpy()[test]
+    patients = cache.index["patient"].to_numpy()[test]
+    rows = []
+    for (share, seed), part in table.groupby(["train_fraction", "seed"], sort=True):
+        run = part.set_index("start")["run"]
+        a, b = (test_scores(work, run[start]).loc[ids, cache.findings].to_numpy()
+                for start in (RANDOM, MAE))
+        r = paired_comparison(a, b, cache.labels[test], patients, cache.findings,
+                              n_boot=n_boot, seed=int(seed))
+        rows.append({"share": share, "seed": seed,
+                     "labelled images": int(part["train_images"].iloc[0]),
+                     "auc_a": r.mean_auc_a, "auc_b": r.mean_auc_b, "diff": r.diff,
+                     "lower": r.lower, "upper": r.upper})
+    return pd.DataFrame(rows, columns=SHARE_COMPARISON)
+
+
+def share_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per share of a paired comparison (a: random, b: MAE): the seeds, both mean AUCs, the
+    mean difference (MAE - random) with its 95% interval over seeds (`seed_interval`), the
+    seeds MAE was ahead in, and the seeds whose paired bootstrap interval over test patients
+    excluded zero."""
     rows = []
     for share, part in table.groupby("share", sort=True):
         scored = part.dropna(subset=["diff"])
@@ -551,46 +634,44 @@ def decided(difference: float, lower: float, upper: float, seeds: int, ahead: in
     return "not decided"
 
 
-def probe_sentence(share: float, images: float, seeds: int, random_auc: float, mae_auc: float,
-                   difference: float, lower: float, upper: float, ahead: int,
-                   excluded: int) -> str:
-    """One share's frozen-feature comparison in words, with its verdict."""
+def share_sentence(compared: Compared, share: float, images: float, seeds: int,
+                   random_auc: float, mae_auc: float, difference: float, lower: float,
+                   upper: float, ahead: int, excluded: int) -> str:
+    """One share's paired comparison in words, with its verdict."""
     if seeds == 0 or not math.isfinite(difference):
-        return (f"with {share:.0%} of the training labels no seed could be scored (a share "
-                "whose labelled images hold one class only has no probe)")
+        return (f"with {share:.0%} of the training labels no seed could be scored (labelled "
+                "images of one class only leave nothing to fit)")
     spread = (f"95% interval over {seeds} seeds [{lower:+.3f}, {upper:+.3f}]" if seeds > 1
               else "one seed, so no interval over seeds")
-    verdict = decided(difference, lower, upper, seeds, ahead)
-    told = {"MAE ahead": "decided: the MAE encoder's features are the better ones",
-            "random ahead": f"decided: {PROBE_FLOOR}'s features are the better ones",
-            "not decided": "not decided at this scale"}[verdict]
-    return (f"with {share:.0%} of the training labels (about {images:,.0f} images) a probe on "
-            f"the MAE encoder's frozen features reached a test AUC of {mae_auc:.3f} against "
-            f"{random_auc:.3f} on {PROBE_FLOOR}, a paired difference of {difference:+.3f} "
-            f"({spread}); MAE was ahead in {ahead} of {seeds} seeds, and the paired bootstrap "
-            f"over test patients excluded zero in {excluded} of them: {told}")
+    told = {"MAE ahead": f"decided: {compared.ours_better}",
+            "random ahead": f"decided: {compared.rival_better}",
+            "not decided": "not decided at this scale"}[
+        decided(difference, lower, upper, seeds, ahead)]
+    lead = (f"ahead in {ahead} of {seeds} seeds" if seeds > 1 else
+            "ahead in its one seed" if ahead else "not ahead in its one seed")
+    return (f"with {share:.0%} of the training labels (about {images:,.0f} images) "
+            f"{compared.ours} reached a test AUC of {mae_auc:.3f} against {random_auc:.3f} for "
+            f"{compared.rival}, a paired difference of {difference:+.3f} ({spread}); MAE was "
+            f"{lead}, and the paired bootstrap over test patients excluded zero in {excluded} "
+            f"of {seeds}: {told}")
 
 
-def pneumonia_words(verdicts: pd.DataFrame) -> dict[str, str]:
-    """pneumonia_probe_sentence (every share) and pneumonia_verdict (the smallest share's, the
-    headline), or why the comparison did not run."""
+def comparison_words(verdicts: pd.DataFrame, compared: Compared, name: str) -> dict[str, str]:
+    """`<name>_sentence`: every share's comparison, or why the comparison did not run."""
     if verdicts.empty:
-        why = ("the pneumonia comparison did not run: no pediatric root was given "
-               "(parameter `pediatric_root`)")
-        return {"pneumonia_probe_sentence": why[0].upper() + why[1:] + ".",
-                "pneumonia_verdict": why}
-    texts = [probe_sentence(r["share"], r["labelled images"], int(r["seeds"]), r["random AUC"],
-                            r["MAE AUC"], r["difference"], r["seed lower"], r["seed upper"],
-                            int(r["seeds ahead"]), int(r["bootstrap excludes 0"]))
-             for r in verdicts.to_dict("records")]
-    text = "; ".join(texts)
-    return {"pneumonia_probe_sentence": text[0].upper() + text[1:] + ".",
-            "pneumonia_verdict": "on pneumonia, " + texts[0]}
+        return {f"{name}_sentence": "The pneumonia comparison did not run: no pediatric root "
+                                    "was given (parameter `pediatric_root`)."}
+    text = "; ".join(
+        share_sentence(compared, r["share"], r["labelled images"], int(r["seeds"]),
+                       r["random AUC"], r["MAE AUC"], r["difference"], r["seed lower"],
+                       r["seed upper"], int(r["seeds ahead"]), int(r["bootstrap excludes 0"]))
+        for r in verdicts.to_dict("records"))
+    return {f"{name}_sentence": text[0].upper() + text[1:] + "."}
 
 
-def pneumonia_figure(table: pd.DataFrame) -> Figure:
-    """Each seed's paired difference (MAE - random encoder) with its bootstrap interval, one
-    panel a share, the interval over seeds shaded."""
+def pneumonia_figure(table: pd.DataFrame, title: str, rival: str) -> Figure:
+    """Each seed's paired difference (MAE - `rival`) with its bootstrap interval, one panel a
+    share, the interval over seeds shaded."""
     shares = sorted(table["share"].unique())
     fig, axes = plt.subplots(1, max(1, len(shares)), figsize=(4.2 * max(1, len(shares)), 3.4),
                              sharey=True, squeeze=False)
@@ -604,13 +685,13 @@ def pneumonia_figure(table: pd.DataFrame) -> Figure:
         ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
         ax.set(title=f"{share:.0%} of the training labels", xlabel="seed",
                xticks=part["seed"].to_numpy())
-    axes[0][0].set_ylabel("test AUC, MAE - random encoder")
+    axes[0][0].set_ylabel(f"test AUC, MAE - {rival}")
     if shares:
         axes[0][0].legend(fontsize=7, loc="lower left")
     else:
         axes[0][0].text(0.5, 0.5, "not run: no pediatric root given", ha="center",
                         va="center", transform=axes[0][0].transAxes)
-    fig.suptitle("Frozen features on pneumonia: paired differences by seed", fontsize=10)
+    fig.suptitle(f"{title}: paired differences by seed", fontsize=10)
     fig.tight_layout()
     return fig
 
