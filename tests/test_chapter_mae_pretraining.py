@@ -7,7 +7,10 @@ import pandas as pd
 import pytest
 
 from cxr_lib.chapters import mae_pretraining as ch
-from cxr_lib.methods.mae import HeldoutErrors
+from cxr_lib.chapters.setup import chapter_cache
+from cxr_lib.data.phantoms import phantom_dataset
+from cxr_lib.engine.config import TrainConfig
+from cxr_lib.methods.mae import HeldoutErrors, MaeRecipe
 from cxr_lib.methods.probe import ProbeResult
 
 NAN = math.nan
@@ -158,3 +161,68 @@ def test_data_words_say_what_the_chapter_trains_on():
     assert ch.data_words(Splits(0, 0), False) == {
         "images_origin": "synthetic phantoms (no data root was given), not real X-rays",
         "n_train": "0", "n_val": "0"}
+
+
+def test_the_paper_s_choices_each_face_the_natural_image_default():
+    choices = ch.paper_choices(0.9, [0.5, 1.0])
+    assert choices == {"mask ratio": ((0.75, (0.5, 1.0)), (0.9, (0.5, 1.0))),
+                       "crop scale": ((0.9, (0.2, 1.0)), (0.9, (0.5, 1.0)))}
+    assert ch.downstream_setup_words(0.1, 10) == {"downstream_share": "10%",
+                                                  "downstream_seeds": "10 seeds"}
+    assert ch.downstream_setup_words(0.5, 1)["downstream_seeds"] == "one seed"
+
+
+def downstream_rows(diffs: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"comparison": name, "share": 0.1, "seed": seed, "labelled images": 57,
+                          "auc_a": 0.7, "auc_b": 0.7 + d, "diff": d, "lower": d - 0.02,
+                          "upper": d + 0.02}
+                         for name, ds in diffs.items() for seed, d in enumerate(ds)])
+
+
+def test_downstream_words_read_each_choice_mask_first():
+    table = downstream_rows({"crop scale": [0.01, -0.02, 0.0], "mask ratio": [0.05, 0.06, 0.04]})
+    verdicts = ch.downstream_verdicts(table)
+    text = ch.downstream_words(verdicts, 0.1, 0.9, [0.5, 1.0])["downstream_sentence"]
+    mask, crop = text.split("; for the crop scale")
+    assert mask.startswith("for the mask ratio, with 10% of the training labels (about 57 "
+                           "images) a probe on the "
+                           "encoder pre-trained with the paper's mask ratio (0.9) reached a "
+                           "test AUC of 0.750 against 0.700 for the natural-image default (0.75)")
+    assert "the paper's choice was ahead in 3 of 3 seeds" in mask
+    assert mask.endswith("decided: the paper's mask ratio gives the better features")
+    assert "(0.5-1.0) reached" in crop and "default (0.2-1.0)" in crop
+    assert crop.endswith("not decided at this scale.")
+    assert list(verdicts["comparison"]) == ["mask ratio", "crop scale"]
+    fig = ch.downstream_figure(table, 0.9, [0.5, 1.0])
+    assert [ax.get_title() for ax in fig.axes] == [
+        "mask ratio: 0.9 against 0.75", "crop scale: 0.5-1.0 against 0.2-1.0"]
+
+
+def test_downstream_without_a_task_or_with_an_unscored_choice():
+    empty = ch.downstream_probes(None, None, 0.9, [0.5, 1.0], 0.1, 3)
+    assert empty.empty and "comparison" in empty.columns
+    words = ch.downstream_words(ch.downstream_verdicts(empty), 0.1, 0.9, [0.5, 1.0])
+    assert words["downstream_sentence"].startswith("the pneumonia judge did not run")
+    unscored = downstream_rows({"mask ratio": [NAN, NAN]})
+    text = ch.downstream_words(ch.downstream_verdicts(unscored), 0.1, 0.9, [0.5, 1.0])
+    assert text["downstream_sentence"] == (
+        "for the mask ratio, with 10% of the training labels (about 57 images) no seed could "
+        "be scored "
+        "(labelled images of one class only leave nothing to fit).")
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_downstream_probes_pair_real_encoders_by_seed(tmp_path):
+    """Three short MAE runs on phantoms (the paper's arm and each default), their frozen
+    features probed on another phantom set: one row per choice and seed, both arms scored."""
+    cache = chapter_cache(tmp_path / "pre", phantom_dataset(48, size=32, seed=1), 32)
+    task = chapter_cache(tmp_path / "task", phantom_dataset(120, size=32, seed=2), 32)
+    recipe = MaeRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8, decoder_dim=16,
+                       decoder_depth=1, decoder_heads=1)
+    arms = ch.arms(cache, recipe, TrainConfig(epochs=1, batch_size=16), tmp_path / "runs", 100)
+    table = ch.downstream_probes(arms, task, 0.9, [0.5, 1.0], 1.0, 2, n_boot=50)
+    assert list(table["comparison"]) == ["mask ratio"] * 2 + ["crop scale"] * 2
+    assert list(table["seed"]) == [0, 1, 0, 1]
+    assert len(arms.results) == 3  # the paper's arm is trained once, for both choices
+    assert table[["auc_a", "auc_b"]].notna().all().all()
+    assert np.allclose(table["diff"], table["auc_b"] - table["auc_a"])

@@ -13,7 +13,7 @@ import torch
 from cxr_lib.analysis.stats import seed_interval
 from cxr_lib.chapters import finetuning_ablations as ch4
 from cxr_lib.chapters.mae_pretraining import carried_words
-from cxr_lib.chapters.setup import chapter_cache, pediatric_dataset, pooled_cache
+from cxr_lib.chapters.setup import chapter_cache, pediatric_dataset, pneumonia_cache, pooled_cache
 from cxr_lib.data.phantoms import phantom_dataset
 from cxr_lib.data.samples import samples_root
 from cxr_lib.engine.config import TrainConfig
@@ -88,29 +88,8 @@ def test_informative_features_beat_noise_in_every_seed(cache):
     assert words["pneumonia_probe_sentence"].startswith("With 50% of the training labels")
 
 
-def test_decided_needs_the_interval_over_seeds_and_one_direction():
-    assert ch4.decided(0.03, 0.01, 0.05, 10, 10) == "MAE ahead"
-    assert ch4.decided(-0.03, -0.05, -0.01, 3, 0) == "random ahead"
-    assert ch4.decided(0.03, 0.01, 0.05, 10, 9) == "not decided"  # one seed the other way
-    assert ch4.decided(0.01, -0.01, 0.03, 10, 10) == "not decided"
-    assert ch4.decided(0.03, math.nan, math.nan, 1, 1) == "not decided"
-    assert ch4.decided(math.nan, math.nan, math.nan, 0, 0) == "not decided"
-
-
-def test_probe_sentence_reads_one_seed_none_and_a_tie():
-    one = ch4.share_sentence(ch4.PROBED, 0.1, 56.4, 1, 0.9, 0.93, 0.03, math.nan, math.nan, 1, 1)
-    assert "one seed, so no interval over seeds" in one and "not decided at this scale" in one
-    assert "about 56 images" in one and "MAE was ahead in its one seed" in one
-    nan = math.nan
-    none = ch4.share_sentence(ch4.PROBED, 0.1, 56, 0, nan, nan, nan, nan, nan, 0, 0)
-    assert "no seed could be scored" in none
-    tie = ch4.share_sentence(ch4.PROBED, 1.0, 566, 10, 0.95, 0.95, 0.0, -0.01, 0.01, 5, 0)
-    assert "[-0.010, +0.010]" in tie and "MAE was ahead in 5 of 10 seeds" in tie
-    assert tie.endswith("not decided at this scale")
-
-
 def test_without_a_pediatric_root_the_comparison_says_it_did_not_run(tmp_path):
-    assert ch4.pneumonia_cache(tmp_path, None, 32, 0) is None
+    assert pneumonia_cache(tmp_path, None, 32, 0) is None
     table = ch4.pneumonia_probes(tmp_path / "unused.pt", None, [0.1], 3)
     assert table.empty
     words = ch4.comparison_words(ch4.share_verdicts(table), ch4.PROBED, "pneumonia_probe")
@@ -137,7 +116,7 @@ def test_real_pediatric_images_pool_with_nih_and_keep_their_test_patients_out(tm
     pneumonia task's cache has the same test patients as the pool."""
     ped = pediatric_dataset(samples_root() / "pediatric-pneumonia-sample", seed=0)
     pooled = pooled_cache(tmp_path, [phantom_dataset(20, size=32, seed=1), ped], 32)
-    task = ch4.pneumonia_cache(tmp_path, samples_root() / "pediatric-pneumonia-sample", 32, 0)
+    task = pneumonia_cache(tmp_path, samples_root() / "pediatric-pneumonia-sample", 32, 0)
     in_pool = pooled.index[pooled.index["source"] == "pediatric"]
     assert set(in_pool.loc[in_pool["split"] == "test", "id"]) == set(
         task.index.loc[task.index["split"] == "test", "id"])

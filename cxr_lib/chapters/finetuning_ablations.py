@@ -24,7 +24,7 @@ import torch
 from fastai.torch_core import default_device
 from matplotlib.figure import Figure
 
-from cxr_lib.analysis.stats import paired_comparison, seed_interval
+from cxr_lib.analysis.stats import paired_comparison
 from cxr_lib.chapters.files import (
     PNEUMONIA_FINETUNES,
     chapter4_table_name,
@@ -32,8 +32,9 @@ from cxr_lib.chapters.files import (
     runs_dir,
     test_scores,
 )
+from cxr_lib.chapters.paired import Compared, paired_sentence, paired_verdicts, seeds_figure
 from cxr_lib.chapters.sentences import check_sentence, sweep_sentence
-from cxr_lib.chapters.setup import chapter_cache, images_origin, pediatric_dataset
+from cxr_lib.chapters.setup import images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.splits import label_subset
 from cxr_lib.engine.config import TrainConfig
@@ -499,30 +500,12 @@ def carried_words(work: str | Path) -> dict[str, str]:
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 
-@dataclass(frozen=True)
-class Compared:
-    """How the words name one paired comparison of an MAE start with a random one: the two
-    arms, and the verdict each way."""
-
-    ours: str
-    rival: str
-    ours_better: str
-    rival_better: str
-
-
-PROBED = Compared("a probe on the MAE encoder's frozen features", "a random encoder",
+# The two pneumonia comparisons in words: arm b is MAE, arm a a random start.
+PROBED = Compared("a probe on the MAE encoder's frozen features", "a random encoder", "MAE",
                   "the MAE encoder's features are the better ones",
                   "the random encoder's features are the better ones")
 FINETUNED = Compared("the ViT fine-tuned from MAE", "the same ViT fine-tuned from random weights",
-                     "the MAE start is the better one", "the random start is the better one")
-
-
-def pneumonia_cache(work: str | Path, pediatric_root: str | Path | None, size: int, seed: int
-                    ) -> Cache | None:
-    """The pediatric pneumonia task's cache (the same patient split as chapter 2's pooled
-    pre-training saw), or None without a pediatric root."""
-    dataset = pediatric_dataset(pediatric_root, seed=seed)
-    return None if dataset is None else chapter_cache(work, dataset, size)
+                     "MAE", "the MAE start is the better one", "the random start is the better one")
 
 
 def pneumonia_probes(mae_file: str | Path, cache: Cache | None, shares: Sequence[float],
@@ -603,57 +586,9 @@ def finetune_comparison(table: pd.DataFrame, cache: Cache | None, work: str | Pa
 
 
 def share_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per share of a paired comparison (a: random, b: MAE): the seeds, both mean AUCs, the
-    mean difference (MAE - random) with its 95% interval over seeds (`seed_interval`), the
-    seeds MAE was ahead in, and the seeds whose paired bootstrap interval over test patients
-    excluded zero."""
-    rows = []
-    for share, part in table.groupby("share", sort=True):
-        scored = part.dropna(subset=["diff"])
-        mean, lower, upper = seed_interval(scored["diff"])
-        rows.append({"share": share, "seeds": len(scored),
-                     "labelled images": float(part["labelled images"].mean()),
-                     "random AUC": scored["auc_a"].mean(), "MAE AUC": scored["auc_b"].mean(),
-                     "difference": mean, "seed lower": lower, "seed upper": upper,
-                     "seeds ahead": int((scored["diff"] > 0).sum()),
-                     "bootstrap excludes 0": int(((scored["lower"] > 0)
-                                                  | (scored["upper"] < 0)).sum())})
-    return pd.DataFrame(rows)
-
-
-def decided(difference: float, lower: float, upper: float, seeds: int, ahead: int) -> str:
-    """A paired comparison's verdict: "MAE ahead" or "random ahead" when the interval over
-    seeds excludes zero and every seed points the same way, else "not decided"."""
-    if not (seeds >= 2 and math.isfinite(lower) and math.isfinite(upper)):
-        return "not decided"
-    one_way = ahead in (0, seeds)
-    if lower > 0 and one_way:
-        return "MAE ahead"
-    if upper < 0 and one_way:
-        return "random ahead"
-    return "not decided"
-
-
-def share_sentence(compared: Compared, share: float, images: float, seeds: int,
-                   random_auc: float, mae_auc: float, difference: float, lower: float,
-                   upper: float, ahead: int, excluded: int) -> str:
-    """One share's paired comparison in words, with its verdict."""
-    if seeds == 0 or not math.isfinite(difference):
-        return (f"with {share:.0%} of the training labels no seed could be scored (labelled "
-                "images of one class only leave nothing to fit)")
-    spread = (f"95% interval over {seeds} seeds [{lower:+.3f}, {upper:+.3f}]" if seeds > 1
-              else "one seed, so no interval over seeds")
-    told = {"MAE ahead": f"decided: {compared.ours_better}",
-            "random ahead": f"decided: {compared.rival_better}",
-            "not decided": "not decided at this scale"}[
-        decided(difference, lower, upper, seeds, ahead)]
-    lead = (f"ahead in {ahead} of {seeds} seeds" if seeds > 1 else
-            "ahead in its one seed" if ahead else "not ahead in its one seed")
-    return (f"with {share:.0%} of the training labels (about {images:,.0f} images) "
-            f"{compared.ours} reached a test AUC of {mae_auc:.3f} against {random_auc:.3f} for "
-            f"{compared.rival}, a paired difference of {difference:+.3f} ({spread}); MAE was "
-            f"{lead}, and the paired bootstrap over test patients excluded zero in {excluded} "
-            f"of {seeds}: {told}")
+    """Per share of a pneumonia comparison, `paired.paired_verdicts` of MAE (b) against the
+    random start (a)."""
+    return paired_verdicts(table, "share", RANDOM, "MAE")
 
 
 def comparison_words(verdicts: pd.DataFrame, compared: Compared, name: str) -> dict[str, str]:
@@ -662,38 +597,19 @@ def comparison_words(verdicts: pd.DataFrame, compared: Compared, name: str) -> d
         return {f"{name}_sentence": "The pneumonia comparison did not run: no pediatric root "
                                     "was given (parameter `pediatric_root`)."}
     text = "; ".join(
-        share_sentence(compared, r["share"], r["labelled images"], int(r["seeds"]),
-                       r["random AUC"], r["MAE AUC"], r["difference"], r["seed lower"],
-                       r["seed upper"], int(r["seeds ahead"]), int(r["bootstrap excludes 0"]))
+        paired_sentence(compared, f"with {r['share']:.0%} of the training labels (about "
+                                  f"{r['labelled images']:,.0f} images)", int(r["seeds"]),
+                        r[f"{RANDOM} AUC"], r["MAE AUC"], r["difference"], r["seed lower"],
+                        r["seed upper"], int(r["seeds ahead"]), int(r["bootstrap excludes 0"]))
         for r in verdicts.to_dict("records"))
     return {f"{name}_sentence": text[0].upper() + text[1:] + "."}
 
 
 def pneumonia_figure(table: pd.DataFrame, title: str, rival: str) -> Figure:
-    """Each seed's paired difference (MAE - `rival`) with its bootstrap interval, one panel a
-    share, the interval over seeds shaded."""
+    """Each seed's paired difference (MAE - `rival`), one panel a share (`paired.seeds_figure`)."""
     shares = sorted(table["share"].unique())
-    fig, axes = plt.subplots(1, max(1, len(shares)), figsize=(4.2 * max(1, len(shares)), 3.4),
-                             sharey=True, squeeze=False)
-    for ax, share in zip(axes[0], shares, strict=False):
-        part = table[table["share"] == share].dropna(subset=["diff"])
-        mean, lower, upper = seed_interval(part["diff"])
-        ax.axhspan(lower, upper, color="#c44e52", alpha=0.15, label="95% interval over seeds")
-        ax.errorbar(part["seed"], part["diff"], yerr=[part["diff"] - part["lower"],
-                                                      part["upper"] - part["diff"]],
-                    fmt="o", color="#c44e52", capsize=3, label="one seed (bootstrap 95%)")
-        ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(title=f"{share:.0%} of the training labels", xlabel="seed",
-               xticks=part["seed"].to_numpy())
-    axes[0][0].set_ylabel(f"test AUC, MAE - {rival}")
-    if shares:
-        axes[0][0].legend(fontsize=7, loc="lower left")
-    else:
-        axes[0][0].text(0.5, 0.5, "not run: no pediatric root given", ha="center",
-                        va="center", transform=axes[0][0].transAxes)
-    fig.suptitle(f"{title}: paired differences by seed", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return seeds_figure(table, "share", {s: f"{s:.0%} of the training labels" for s in shares},
+                        title, f"test AUC, MAE - {rival}", "not run: no pediatric root given")
 
 
 def pneumonia_data_words(cache: Cache | None) -> dict[str, str]:

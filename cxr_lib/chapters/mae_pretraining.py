@@ -18,9 +18,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from fastai.torch_core import default_device
 from matplotlib.figure import Figure
 
 from cxr_lib.augment.crops import MaeAugment
+from cxr_lib.chapters.paired import Compared, paired_sentence, paired_verdicts, seeds_figure
 from cxr_lib.chapters.plots import image_grid, mae_pictures
 from cxr_lib.chapters.sentences import floor_sentence, span, sweep_sentence
 from cxr_lib.chapters.setup import images_origin, source_counts
@@ -34,7 +36,13 @@ from cxr_lib.methods.mae import (
     pretrain_mae,
     probe_encoder,
 )
-from cxr_lib.methods.probe import ProbeResult
+from cxr_lib.methods.probe import (
+    SHARE_COMPARISON,
+    ProbeResult,
+    cache_features,
+    compare_on_label_shares,
+    mae_features,
+)
 from cxr_lib.models.mae import MaskedAutoencoder, visible_count
 
 IMAGENET_MASK = 0.75  # the natural-image MAE's mask ratio
@@ -363,6 +371,103 @@ def crop_words(table: pd.DataFrame, floor: float, paper_crop_scale: Sequence[flo
         "crop scale", _column(table, "crop scale"), _column(table, "probe AUC"),
         {"the paper's choice": _crop_label(paper_crop_scale),
          "the ImageNet default": _crop_label(IMAGENET_CROP)}, floor)}
+
+
+# Judged downstream: the paper's two choices on pneumonia
+
+DOWNSTREAM = ("mask ratio", "crop scale")  # the paper's two choices, in the order judged
+
+
+def paper_choices(paper_mask_ratio: float, paper_crop_scale: Sequence[float]
+                  ) -> dict[str, tuple[tuple, tuple]]:
+    """Each of the paper's choices as two arms, (mask ratio, crop scale) each: the
+    natural-image default (a) and the paper's (b), everything else the paper's."""
+    paper = (paper_mask_ratio, tuple(paper_crop_scale))
+    return {"mask ratio": ((IMAGENET_MASK, paper[1]), paper),
+            "crop scale": ((paper_mask_ratio, IMAGENET_CROP), paper)}
+
+
+def downstream_probes(arms: MaeArms, task: Cache | None, paper_mask_ratio: float,
+                      paper_crop_scale: Sequence[float], share: float, n_seeds: int,
+                      n_boot: int = 1000) -> pd.DataFrame:
+    """Each paper choice judged on the pneumonia task (`setup.pneumonia_cache`): both arms'
+    encoders frozen, a linear probe on `share` of its training labels (seed s draws the
+    patients), scored on its test images; one row a (comparison, seed),
+    `compare_on_label_shares`' columns with a the default and b the paper's. No task (no
+    pediatric root): no rows."""
+    if task is None:
+        return pd.DataFrame(columns=["comparison", *SHARE_COMPARISON])
+    splits = [task.split_indices(split) for split in ("train", "test")]
+
+    def features(setting: tuple) -> tuple[np.ndarray, np.ndarray]:
+        pre = arms.run(*setting)[0]
+        return tuple(cache_features(mae_features(pre.mae), pre.augment.plain, task, rows,
+                                    device=default_device()) for rows in splits)
+
+    tables = []
+    for name, (default, paper) in paper_choices(paper_mask_ratio, paper_crop_scale).items():
+        a, b = features(default), features(paper)
+        table = compare_on_label_shares(task, lambda seed, a=a: a, lambda seed, b=b: b,
+                                        [share], range(n_seeds), n_boot=n_boot)
+        tables.append(table.assign(comparison=name))
+    return pd.concat(tables, ignore_index=True)[["comparison", *SHARE_COMPARISON]]
+
+
+def downstream_setup_words(share: float, n_seeds: int) -> dict[str, str]:
+    """The downstream probe's share of the labels and its seeds, as the prose quotes them."""
+    return {"downstream_share": f"{share:.0%}",
+            "downstream_seeds": "one seed" if n_seeds == 1 else f"{n_seeds} seeds"}
+
+
+def downstream_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per choice, in `DOWNSTREAM`'s order, `paired.paired_verdicts` of the paper's arm (b)
+    against the default (a)."""
+    verdicts = paired_verdicts(table, "comparison", "ImageNet default", "paper")
+    if verdicts.empty:
+        return verdicts
+    order = verdicts["comparison"].map(DOWNSTREAM.index)
+    return verdicts.iloc[order.argsort()].reset_index(drop=True)
+
+
+def _setting(name: str, setting: tuple) -> str:
+    mask_ratio, crop_scale = setting
+    return f"{mask_ratio}" if name == "mask ratio" else _crop_label(crop_scale)
+
+
+def downstream_words(verdicts: pd.DataFrame, share: float, paper_mask_ratio: float,
+                     paper_crop_scale: Sequence[float]) -> dict[str, str]:
+    """downstream_sentence: each choice's paired comparison on pneumonia at `share` of its
+    training labels, or why there is none."""
+    if verdicts.empty:
+        return {"downstream_sentence": "the pneumonia judge did not run: no pediatric root was "
+                                       "given (parameter `pediatric_root`)."}
+    choices = paper_choices(paper_mask_ratio, paper_crop_scale)
+    texts = []
+    for r in verdicts.to_dict("records"):
+        name = r["comparison"]
+        default, paper = (_setting(name, s) for s in choices[name])
+        compared = Compared(
+            f"a probe on the encoder pre-trained with the paper's {name} ({paper})",
+            f"the natural-image default ({default})", "the paper's choice",
+            f"the paper's {name} gives the better features",
+            f"the natural-image {name} gives the better features")
+        texts.append(paired_sentence(
+            compared, f"for the {name}, with {share:.0%} of the training labels (about "
+                      f"{r['labelled images']:,.0f} images)",
+            int(r["seeds"]), r["ImageNet default AUC"], r["paper AUC"], r["difference"],
+            r["seed lower"], r["seed upper"], int(r["seeds ahead"]),
+            int(r["bootstrap excludes 0"])))
+    return {"downstream_sentence": "; ".join(texts) + "."}
+
+
+def downstream_figure(table: pd.DataFrame, paper_mask_ratio: float,
+                      paper_crop_scale: Sequence[float]) -> Figure:
+    """Each seed's paired difference (paper - default), one panel a choice."""
+    choices = paper_choices(paper_mask_ratio, paper_crop_scale)
+    titles = {name: f"{name}: {_setting(name, choices[name][1])} against "
+                    f"{_setting(name, choices[name][0])}" for name in DOWNSTREAM}
+    return seeds_figure(table, "comparison", titles, "The paper's choices, probed on pneumonia",
+                        "test AUC, paper - default", "not run: no pediatric root given")
 
 
 # The encoder we carry forward

@@ -25,7 +25,8 @@ MARKDOWN = "text/markdown"
 # chapter -> the names of the sentences that carry its verdicts, in the order the page quotes
 VERDICTS: Mapping[str, tuple[str, ...]] = {
     "01_data_curation": ("images_used", "split_origin"),
-    "02_mae_pretraining": ("images_used", "mask_sentence", "crop_sentence", "painting_sentence"),
+    "02_mae_pretraining": ("images_used", "mask_sentence", "crop_sentence", "downstream_sentence",
+                           "painting_sentence"),
     "03_moco_baselines": ("images_used", "knn_sentence", "sim_sentence", "gathering_sentence"),
     "04_finetuning_ablations": ("images_used", "pneumonia_probe_sentence",
                                 "pneumonia_finetune_sentence", "start_sentence", "signal_note",

@@ -45,6 +45,14 @@ def pediatric_dataset(root: str | Path | None, *, seed: int = 0) -> XrayDataset 
     return read_source("folder", root, seed=seed, name="pediatric") if root else None
 
 
+def pneumonia_cache(work_dir: str | Path, pediatric_root: str | Path | None, size: int,
+                    seed: int) -> Cache | None:
+    """The pediatric pneumonia task's cache (the patient split `pediatric_dataset` draws, the
+    one chapter 2's pooled pre-training holds out too), or None without a pediatric root."""
+    dataset = pediatric_dataset(pediatric_root, seed=seed)
+    return None if dataset is None else chapter_cache(work_dir, dataset, size)
+
+
 def pooled_cache(work_dir: str | Path, datasets: list[XrayDataset | None], size: int) -> Cache:
     """One cache of every image of the data sets given (None: not given), for pre-training
     without labels on their training splits: each keeps its own validation and test images,
