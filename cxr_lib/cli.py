@@ -177,8 +177,9 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
 
     profile, recipe, config, knn = _moco_recipe_and_config(args)
     runs_dir = _runs_dir(args, profile)
+    monitor = open_cache(args.monitor_data) if args.monitor_data else None
     pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
-                               force=args.force)
+                               monitor=monitor, force=args.force)
     _print_run(pretrained.run)
     print(f"kNN AUC {pretrained.knn_start:.3f} before pre-training, "
           f"{pretrained.knn_end:.3f} after")
@@ -572,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
         "profile's 03_moco_baselines section, else MoCo v2's defaults")
     moco.add_argument("--profile", default="cpu", help="profile name or YAML path")
     moco.add_argument("--data", type=Path, required=True, help="a cache from `cxr data prepare`")
+    moco.add_argument("--monitor-data", type=Path,
+                      help="a cache whose labels the kNN monitor reads (default: --data), for a "
+                      "pool of several sources pre-trained together")
     moco.add_argument("--runs", type=Path, help="runs folder (default build/<profile>/runs)")
     moco.add_argument("--model", help="a timm backbone, e.g. densenet121 or resnet50 (default: "
                       "the first of the profile's models)", **unset)

@@ -24,8 +24,10 @@ NAN = math.nan
 class _Cache:
     """What the words read of a cache: the rows of each split."""
 
-    def __init__(self, train: int, val: int) -> None:
+    def __init__(self, train: int, val: int, sources: list[str] | None = None) -> None:
         self.rows = {"train": np.arange(train), "val": np.arange(train, train + val)}
+        sources = sources or ["chestxray14"] * train
+        self.index = pd.DataFrame({"source": sources + ["chestxray14"] * val})
 
     def split_indices(self, split: str) -> np.ndarray:
         return self.rows[split]
@@ -40,10 +42,14 @@ def test_backbones_are_named_as_the_prose_names_them():
 
 
 def test_data_and_recipe_words_count_the_splits_and_the_queue():
-    words = ch3.data_words(_Cache(1200, 8), "/data/nih")
-    assert words == {"images_origin": "real ChestX-ray14 images", "n_train": "1,200",
+    pooled = _Cache(1200, 8, sources=["chestxray14"] * 500 + ["pediatric"] * 700)
+    words = ch3.data_words(pooled, _Cache(500, 8), "/data/nih")
+    assert words == {"images_origin": "real ChestX-ray14 images",
+                     "n_train": "1,200 training images (500 NIH ChestX-ray14, adult chest "
+                                "X-rays and 700 pediatric chest X-rays (Kermany et al.))",
                      "n_val": "8"}
-    assert ch3.data_words(_Cache(0, 0), None)["images_origin"] == (
+    phantoms = _Cache(3, 1, sources=["phantom"] * 3)
+    assert ch3.data_words(phantoms, phantoms, None)["images_origin"] == (
         "synthetic phantoms (no data root was given), not real X-rays")
     recipe = ch3.MocoRecipe(model="resnet50", queue_size=64, momentum=0.99, temperature=0.2)
     assert ch3.recipe_words(_Cache(71, 8), recipe) == {

@@ -33,12 +33,15 @@ from cxr_lib.methods.moco import (
     gathering_table,
     key_similarity,
     knn_auc,
+    knn_evaluate,
     knn_scores,
+    load_backbone,
     moco_augment,
     moco_config,
     neighbour_share,
     pretrain_moco,
     save_backbone,
+    untrained_backbone,
 )
 from cxr_lib.models.moco import MoCo, build_moco, info_nce, split_forward
 
@@ -334,6 +337,50 @@ def test_pretraining_trains_then_loads_the_finished_run(cache, tmp_path):
     assert torch.equal(net.conv1[0].weight, first.moco.encoder_q.conv1[0].weight)
 
 
+def test_a_pool_pretrains_while_another_cache_s_labels_are_monitored(cache, tmp_path):
+    """The chapter 3 set-up: the pool trains, one labelled source is monitored; a monitor that
+    is the training cache itself is the run without a monitor."""
+    monitored = chapter_cache(tmp_path / "work", phantom_dataset(40, size=32, seed=9), 32)
+    config = moco_config(1, 16, base_lr=0.3)
+    plain = pretrain_moco(cache, RECIPE, config, tmp_path, knn=KNN, progress=False)
+    same = pretrain_moco(cache, RECIPE, config, tmp_path, knn=KNN, monitor=cache, progress=False)
+    assert same.run.loaded_from_cache and same.run.path == plain.run.path
+    pooled = pretrain_moco(cache, RECIPE, config, tmp_path, knn=KNN, monitor=monitored,
+                           progress=False)
+    assert not pooled.run.loaded_from_cache and pooled.run.path != plain.run.path
+    saved = json.loads((pooled.run.path / "config.json").read_text())
+    assert saved["extra"]["monitor"]["content"] == monitored.digest
+    for name, weights in plain.moco.state_dict().items():  # the monitor does not train
+        assert torch.equal(pooled.moco.state_dict()[name], weights), name
+    torch.manual_seed(config.seed)
+    start = knn_evaluate(RECIPE.build().encoder_q, monitored, pooled.augment.plain, KNN)
+    assert pooled.knn_start == pytest.approx(start)
+    assert pooled.knn_end == pytest.approx(knn_evaluate(pooled.moco.encoder_q, monitored,
+                                                        pooled.augment.plain, KNN))
+    assert pooled.knn_end != pytest.approx(plain.knn_end)
+
+
+def test_an_untrained_backbone_has_the_saved_view_and_seeded_weights(cache, tmp_path):
+    first = pretrain_moco(cache, RECIPE, moco_config(1, 16, base_lr=0.3), tmp_path, knn=KNN,
+                          progress=False)
+    path = save_backbone(first, tmp_path / "moco.pt")
+    trained, view = load_backbone(path)
+    a, view_a = untrained_backbone(path, 0)
+    b, _ = untrained_backbone(path, 0)
+    c, _ = untrained_backbone(path, 1)
+    assert (view_a.size, view_a.mean, view_a.std) == (view.size, view.mean, view.std) == (
+        32, first.augment.mean, first.augment.std)
+    x = torch.rand(2, 1, 32, 32)
+    for net in (trained, a, b, c):
+        net.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
+        assert not torch.equal(a(x), trained(x))
+    with pytest.raises(ValueError, match="not a backbone file of `save_backbone`"):
+        torch.save({"model": {}}, tmp_path / "other.pt")
+        untrained_backbone(tmp_path / "other.pt", 0)
+
+
 def test_pretraining_refuses_a_batch_larger_than_the_split_or_the_queue(cache, tmp_path):
     with pytest.raises(ValueError, match=r"phantom-32: split 'train' has \d+ images, fewer"):
         pretrain_moco(cache, RECIPE, moco_config(1, 512), tmp_path, progress=False)
@@ -401,6 +448,12 @@ def test_command_line_pretrains_with_profile_defaults_and_saves(cache, tmp_path,
     assert config["extra"]["knn"] == dataclasses.asdict(KnnSettings(k=5))
     main(args)
     assert "loaded the finished run" in capsys.readouterr().out
+    monitored = chapter_cache(tmp_path / "work", phantom_dataset(40, size=32, seed=9), 32)
+    main([*args, "--monitor-data", str(monitored.path)])  # a pool trains, these labels monitor
+    assert "trained" in capsys.readouterr().out
+    pooled, = set((tmp_path / "runs").iterdir()) - {run}
+    config = json.loads((pooled / runs.CONFIG).read_text())
+    assert config["extra"]["monitor"]["content"] == monitored.digest
 
 
 def test_command_line_names_what_is_missing_without_a_chapter_section(cache, tmp_path):

@@ -79,3 +79,13 @@ def test_the_figure_draws_one_panel_a_group_and_says_why_there_is_none():
         warnings.simplefilter("error")  # an empty legend would warn the reader
         empty = paired.seeds_figure(table.iloc[:0], "share", {}, "Title", "b - a", "not run")
     assert empty.axes[0].texts[0].get_text() == "not run"
+
+
+def test_seeds_figure_wraps_many_panels_into_rows_and_hides_the_empty_places():
+    table = comparison({g: [0.01, 0.02] for g in "abcd"})
+    fig = paired.seeds_figure(table, "share", {g: f"panel {g}" for g in "abcd"}, "Title",
+                              "b - a", "not run")
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["panel a", "panel b", "panel c", "panel d"]
+    assert len(fig.axes) == 6 and fig.get_size_inches() == pytest.approx((12.6, 6.8))
+    assert [ax.get_ylabel() for ax in shown] == ["b - a", "", "", "b - a"]

@@ -25,6 +25,13 @@ from cxr_lib.methods.mae import (
     save_encoder,
     untrained_encoder,
 )
+from cxr_lib.methods.moco import (
+    KnnSettings,
+    MocoRecipe,
+    moco_config,
+    pretrain_moco,
+    save_backbone,
+)
 from cxr_lib.methods.probe import SHARE_COMPARISON, compare_on_label_shares, probe_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -78,10 +85,13 @@ def test_informative_features_beat_noise_in_every_seed(cache):
     assert (table.loc[table["share"] == 0.5, "labelled images"] < full).all()
     assert np.allclose(table["diff"], table["auc_b"] - table["auc_a"])
     assert (table["diff"] > 0).all() and (table["lower"] <= table["diff"]).all()
-    verdicts = ch4.share_verdicts(table)
+    mae = ch4.frozen_pairings("densenet121")[0]
+    paired = table.assign(pair=mae.name)
+    verdicts = ch4.pair_verdicts(paired, [mae])
+    assert list(verdicts["comparison"]) == ["MAE against random ViT"] * 2
     assert list(verdicts["seeds"]) == [3, 3] and list(verdicts["seeds ahead"]) == [3, 3]
-    assert (verdicts["seed lower"] > 0).all()
-    words = ch4.comparison_words(verdicts, ch4.PROBED, "pneumonia_probe")
+    assert (verdicts["seed lower"] > 0).all() and (verdicts["AUC"] > verdicts["rival AUC"]).all()
+    words = ch4.pair_words(paired, [mae])
     assert words["pneumonia_probe_sentence"].count("decided: the MAE encoder's features") == 2
     assert words["pneumonia_probe_sentence"].count("MAE was ahead in 3 of 3 seeds") == 2
     assert "interval over 3 seeds [" in words["pneumonia_probe_sentence"]
@@ -90,14 +100,18 @@ def test_informative_features_beat_noise_in_every_seed(cache):
 
 def test_without_a_pediatric_root_the_comparison_says_it_did_not_run(tmp_path):
     assert pneumonia_cache(tmp_path, None, 32, 0) is None
-    table = ch4.pneumonia_probes(tmp_path / "unused.pt", None, [0.1], 3)
-    assert table.empty
-    words = ch4.comparison_words(ch4.share_verdicts(table), ch4.PROBED, "pneumonia_probe")
-    assert words["pneumonia_probe_sentence"].startswith("The pneumonia comparison did not run")
+    frozen = ch4.frozen_pairings("densenet121")
+    table = ch4.pneumonia_probes(tmp_path / "unused.pt", tmp_path / "unused.pt", None, frozen,
+                                 [0.1], 3)
+    assert table.empty and list(table.columns) == ch4.PAIRED
+    words = ch4.pair_words(table, frozen)
+    assert set(words) == {"pneumonia_probe_sentence", "pneumonia_moco_probe_sentence",
+                          "pneumonia_mae_moco_probe_sentence"}
+    assert all(w.startswith("The pneumonia comparison did not run") for w in words.values())
     assert ch4.pneumonia_data_words(None)["pneumonia_split"].startswith("no split")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an empty legend would warn the reader
-        fig = ch4.pneumonia_figure(table, "Frozen features", "random encoder")
+        fig = ch4.pairs_figure(table, frozen, "Frozen features")
     assert "not run" in fig.axes[0].texts[0].get_text()
 
 
@@ -105,9 +119,10 @@ def test_all_nan_rows_make_an_unscored_share():
     table = pd.DataFrame({"share": [0.1, 0.1], "seed": [0, 1], "labelled images": [5, 6],
                           **{c: [np.nan, np.nan] for c in ("auc_a", "auc_b", "diff", "lower",
                                                            "upper")}})
-    verdicts = ch4.share_verdicts(table)
-    assert verdicts["seeds"].iloc[0] == 0
-    words = ch4.comparison_words(verdicts, ch4.PROBED, "pneumonia_probe")
+    mae = ch4.frozen_pairings("densenet121")[0]
+    table = table.assign(pair=mae.name)
+    assert ch4.pair_verdicts(table, [mae])["seeds"].iloc[0] == 0
+    words = ch4.pair_words(table, [mae])
     assert "no seed could be scored" in words["pneumonia_probe_sentence"]
 
 
@@ -171,13 +186,13 @@ def test_finetune_comparison_pairs_the_starts_by_share_and_seed(tmp_path, cache)
                 rows.append({"start": start, "train_fraction": share, "seed": seed, "run": run,
                              "train_images": int(100 * share)})
     pairs = ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path, n_boot=200)
-    assert list(pairs.columns) == SHARE_COMPARISON
+    assert list(pairs.columns) == ["pair", *SHARE_COMPARISON]
+    assert set(pairs["pair"]) == {ch4.FINETUNED.name}
     assert list(pairs["share"]) == [0.5] * 3 + [1.0] * 3
     assert list(pairs["labelled images"]) == [50] * 3 + [100] * 3
     assert (pairs["auc_b"] > 0.9).all() and (pairs["auc_a"] < 0.8).all()
     assert (pairs["lower"] > 0).all()
-    words = ch4.comparison_words(ch4.share_verdicts(pairs), ch4.FINETUNED, "pneumonia_finetune")
-    sentence = words["pneumonia_finetune_sentence"]
+    sentence = ch4.pair_words(pairs, [ch4.FINETUNED])["pneumonia_finetune_sentence"]
     assert sentence.count("decided: the MAE start is the better one") == 2
     assert sentence.count("MAE was ahead in 3 of 3 seeds") == 2
     assert sentence.count("the paired bootstrap over test patients excluded zero in 3 of 3") == 2
@@ -195,9 +210,8 @@ def test_a_random_start_that_wins_in_every_seed_is_decided_its_way(tmp_path, cac
             _write_scores(tmp_path, f"{start[:3]}{seed}", cache, scores)
             rows.append({"start": start, "train_fraction": 1.0, "seed": seed,
                          "run": f"{start[:3]}{seed}", "train_images": 100})
-    verdicts = ch4.share_verdicts(ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path,
-                                                          n_boot=200))
-    sentence = ch4.comparison_words(verdicts, ch4.FINETUNED, "x")["x_sentence"]
+    pairs = ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path, n_boot=200)
+    sentence = ch4.pair_words(pairs, [ch4.FINETUNED])["pneumonia_finetune_sentence"]
     assert "MAE was ahead in 0 of 3 seeds" in sentence
     assert sentence.endswith("decided: the random start is the better one.")
 
@@ -219,6 +233,55 @@ def test_without_a_pediatric_root_nothing_is_fine_tuned(tmp_path):
     table = ch4.run_pneumonia_finetunes(starts, None, TrainConfig(), [0.1], 3, tmp_path)
     assert table.empty and not (tmp_path / "pneumonia_finetunes.parquet").exists()
     pairs = ch4.finetune_comparison(table, None, tmp_path)
-    assert pairs.empty and list(pairs.columns) == SHARE_COMPARISON
-    words = ch4.comparison_words(ch4.share_verdicts(pairs), ch4.FINETUNED, "pneumonia_finetune")
+    assert pairs.empty and list(pairs.columns) == ch4.PAIRED
+    words = ch4.pair_words(pairs, [ch4.FINETUNED])
     assert words["pneumonia_finetune_sentence"].startswith("The pneumonia comparison did not run")
+
+
+def test_three_frozen_pairings_share_their_probes_seed_by_seed(cache, tmp_path):
+    """MAE and MoCo files as chapters 2 and 3 save them: each probe appears in two pairings
+    with the same AUC for the same share and seed, and each random rival has its own draw."""
+    mae = pretrain_mae(cache, MaeRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8,
+                                        decoder_dim=32, decoder_depth=1, decoder_heads=2),
+                       TrainConfig(epochs=1, batch_size=16, base_lr=1e-3, warmup_epochs=0),
+                       tmp_path / "runs", progress=False)
+    moco = pretrain_moco(cache, MocoRecipe(model="resnet10t", image_size=16, dim=16,
+                                           hidden_dim=32, queue_size=64, bn_splits=2),
+                         moco_config(2, 16, base_lr=0.3), tmp_path / "runs",
+                         knn=KnnSettings(k=5, batch_size=64), progress=False)
+    mae_file = save_encoder(mae, tmp_path / "mae.pt")
+    moco_file = save_backbone(moco, tmp_path / "moco.pt")
+    frozen = ch4.frozen_pairings("resnet10t")
+    assert [p.label for p in frozen] == ["MAE against random ViT", "MoCo against random ResNet",
+                                         "MAE against MoCo"]
+    table = ch4.pneumonia_probes(mae_file, moco_file, cache, frozen, [0.5, 1.0], 2, n_boot=50)
+    assert list(table.columns) == ch4.PAIRED
+    by = {p.name: table[table["pair"] == p.name].set_index(["share", "seed"]) for p in frozen}
+    mae_random, moco_random, mae_moco = by.values()
+    assert list(mae_random.index) == list(moco_random.index) == [(0.5, 0), (0.5, 1), (1.0, 0),
+                                                                   (1.0, 1)]
+    # every label and two fixed encoders: a second seed would repeat the first run exactly
+    assert list(mae_moco.index) == [(0.5, 0), (0.5, 1), (1.0, 0)]
+    np.testing.assert_allclose(mae_moco["auc_b"], mae_random.loc[mae_moco.index, "auc_b"])
+    np.testing.assert_allclose(mae_moco["auc_a"], moco_random.loc[mae_moco.index, "auc_b"])
+    np.testing.assert_allclose(mae_random.loc[1.0, "auc_b"].iloc[0],
+                               mae_random.loc[1.0, "auc_b"].iloc[1])  # the MAE probe is fixed
+    assert not np.allclose(mae_random["auc_a"], moco_random["auc_a"])  # two random rivals
+    assert ch4.pretraining_words(tmp_path, mae_file, moco_file, "resnet10t") == {
+        "probe_sizes": "32 px for the ViT, 16 px for the ResNet",
+        "pretraining_lengths": "1 epoch for the MAE ViT, 2 epochs for the MoCo v2 ResNet"}
+    elsewhere = ch4.pretraining_words(tmp_path / "other", mae_file, moco_file, "resnet10t")
+    assert elsewhere["pretraining_lengths"].startswith(
+        "epochs unknown (its run is not in this work directory) for the MAE ViT")
+    words = ch4.pair_words(table, frozen)
+    assert words["pneumonia_moco_probe_sentence"].startswith(
+        "With 50% of the training labels")
+    assert "a probe on the MoCo v2 ResNet's frozen features reached" in words[
+        "pneumonia_moco_probe_sentence"]
+    assert "for one on the MoCo v2 ResNet's" in words["pneumonia_mae_moco_probe_sentence"]
+    assert "(one seed, so no interval over seeds)" in words["pneumonia_mae_moco_probe_sentence"]
+    fig = ch4.pairs_figure(table, frozen, "Frozen features")
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [
+        "MAE - random ViT, 50% of labels", "MAE - random ViT, 100% of labels",
+        "MoCo - random ResNet, 50% of labels", "MoCo - random ResNet, 100% of labels",
+        "MAE - MoCo, 50% of labels", "MAE - MoCo, 100% of labels"]

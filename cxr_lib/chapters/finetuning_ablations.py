@@ -11,6 +11,7 @@ sentence builder here, tested on hand-made numbers in tests/test_chapter_finetun
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -37,10 +38,12 @@ from cxr_lib.chapters.sentences import check_sentence, sweep_sentence
 from cxr_lib.chapters.setup import images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.splits import label_subset
+from cxr_lib.engine import runs
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.finetune import FinetuneRecipe
 from cxr_lib.methods.grid import run_grid, run_points, seed_summary
 from cxr_lib.methods.mae import load_encoder, untrained_encoder
+from cxr_lib.methods.moco import load_backbone, untrained_backbone
 from cxr_lib.methods.probe import SHARE_COMPARISON, cache_features, compare_on_label_shares
 from cxr_lib.models.classifier import WeightsUnavailable, imagenet_weights
 
@@ -500,33 +503,114 @@ def carried_words(work: str | Path) -> dict[str, str]:
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 
-# The two pneumonia comparisons in words: arm b is MAE, arm a a random start.
-PROBED = Compared("a probe on the MAE encoder's frozen features", "a random encoder", "MAE",
-                  "the MAE encoder's features are the better ones",
-                  "the random encoder's features are the better ones")
-FINETUNED = Compared("the ViT fine-tuned from MAE", "the same ViT fine-tuned from random weights",
-                     "MAE", "the MAE start is the better one", "the random start is the better one")
+@dataclass(frozen=True)
+class Pairing:
+    """One paired comparison on pneumonia: the name its rows and its glued sentence
+    (`<name>_sentence`) carry, its arms' short names (a the rival, b ours) and its words. A
+    frozen arm is "MAE", "MoCo", or any other name for the other arm's architecture with
+    random weights."""
+
+    name: str
+    a: str
+    b: str
+    compared: Compared
+
+    @property
+    def label(self) -> str:
+        return f"{self.b} against {self.a}"
 
 
-def pneumonia_probes(mae_file: str | Path, cache: Cache | None, shares: Sequence[float],
-                     n_seeds: int, n_boot: int = 1000) -> pd.DataFrame:
-    """Chapter 2's MAE encoder against an encoder of the same recipe with random weights, both
-    frozen, each under a linear probe fitted on a share of the pneumonia task's training
-    patients and scored on its test images: one row a (share, seed), `compare_on_label_shares`.
-    Seed s draws both the labelled patients and the random encoder's weights. No cache (no
-    pediatric root): no rows."""
+def frozen_pairings(cnn_model: str) -> tuple[Pairing, ...]:
+    """The frozen comparisons on pneumonia: MAE against a random ViT, MoCo v2 against a random
+    `cnn_model`, and MAE against MoCo v2, the papers' own pairing of a ViT and a CNN."""
+    cnn = cnn_family(cnn_model)
+    return (
+        Pairing("pneumonia_probe", f"random {VIT}", "MAE",
+                Compared("a probe on the MAE encoder's frozen features", "a random encoder",
+                         "MAE", "the MAE encoder's features are the better ones",
+                         "the random encoder's features are the better ones")),
+        Pairing("pneumonia_moco_probe", f"random {cnn}", "MoCo",
+                Compared(f"a probe on the MoCo v2 {cnn}'s frozen features",
+                         f"a random {cnn}", "MoCo",
+                         f"the MoCo v2 {cnn}'s features are the better ones",
+                         f"the random {cnn}'s features are the better ones")),
+        Pairing("pneumonia_mae_moco_probe", "MoCo", "MAE",
+                Compared("a probe on the MAE ViT's frozen features",
+                         f"one on the MoCo v2 {cnn}'s", "MAE",
+                         "the MAE ViT's features are the better ones",
+                         f"the MoCo v2 {cnn}'s features are the better ones")),
+    )
+
+
+FINETUNED = Pairing("pneumonia_finetune", RANDOM, "MAE",
+                    Compared("the ViT fine-tuned from MAE",
+                             "the same ViT fine-tuned from random weights", "MAE",
+                             "the MAE start is the better one",
+                             "the random start is the better one"))
+PAIRED = ["pair", *SHARE_COMPARISON]  # the columns of every pneumonia comparison's runs
+
+
+def pneumonia_probes(mae_file: str | Path, moco_file: str | Path, cache: Cache | None,
+                     pairings: Sequence[Pairing], shares: Sequence[float], n_seeds: int,
+                     n_boot: int = 1000) -> pd.DataFrame:
+    """Chapter 2's MAE encoder and chapter 3's MoCo v2 backbone, each against the same
+    architecture with random weights and against each other, all frozen, each under a linear
+    probe fitted on a share of the pneumonia task's training patients and scored on its test
+    images at the size it was pre-trained at: one row a (pairing, share, seed), `PAIRED`.
+    Seed s draws the labelled patients and the random encoders' weights; two pre-trained
+    encoders on every label leave a seed nothing to draw, so that pairing runs seed 0 alone.
+    No cache (no pediatric root): no rows."""
     if cache is None:
-        return pd.DataFrame(columns=SHARE_COMPARISON)
+        return pd.DataFrame(columns=PAIRED)
     splits = [cache.split_indices(split) for split in ("train", "test")]
 
     def features(encoder, view) -> tuple[np.ndarray, np.ndarray]:
         return tuple(cache_features(encoder, view.plain, cache, rows, device=default_device())
                      for rows in splits)
 
-    pretrained = features(*load_encoder(mae_file))
-    return compare_on_label_shares(cache, lambda seed: features(*untrained_encoder(mae_file, seed)),
-                                   lambda seed: pretrained, shares, range(n_seeds),
-                                   n_boot=n_boot)
+    pretrained = {"MAE": features(*load_encoder(mae_file)),
+                  "MoCo": features(*load_backbone(moco_file))}
+    untrained = {"MAE": lambda seed: features(*untrained_encoder(mae_file, seed)),
+                 "MoCo": lambda seed: features(*untrained_backbone(moco_file, seed))}
+
+    def arm(name: str, other: str):
+        return (lambda seed: pretrained[name]) if name in pretrained else untrained[other]
+
+    tables = []
+    for pairing in pairings:
+        fixed = pairing.a in pretrained and pairing.b in pretrained  # no weights to draw
+        for share in shares:
+            # every label and no weights to draw: each seed would repeat the same run
+            seeds = range(1) if fixed and share >= 1.0 else range(n_seeds)
+            table = compare_on_label_shares(cache, arm(pairing.a, pairing.b),
+                                            arm(pairing.b, pairing.a), [share], seeds,
+                                            n_boot=n_boot)
+            tables.append(table.assign(pair=pairing.name)[PAIRED])
+    return pd.concat(tables, ignore_index=True)
+
+
+def pretraining_words(work: str | Path, mae_file: str | Path, moco_file: str | Path,
+                      cnn_model: str) -> dict[str, str]:
+    """probe_sizes and pretraining_lengths: the image size each frozen encoder was pre-trained
+    (and is probed) at, and its epochs, read from its file and the run the file names."""
+    cnn = cnn_family(cnn_model)
+    (mae_size, mae_epochs), (moco_size, moco_epochs) = (_pretrained_at(work, path)
+                                                        for path in (mae_file, moco_file))
+    return {"probe_sizes": f"{mae_size} px for the ViT, {moco_size} px for the {cnn}",
+            "pretraining_lengths": f"{mae_epochs} for the MAE ViT, {moco_epochs} for the "
+                                   f"MoCo v2 {cnn}"}
+
+
+def _pretrained_at(work: str | Path, path: str | Path) -> tuple[int, str]:
+    """A saved encoder's image size and its run's epochs in words ("100 epochs"), or that
+    the run is not in this work directory."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    config = runs_dir(work) / str(saved.get("run")) / runs.CONFIG
+    size = saved["recipe"]["image_size"]
+    if not config.is_file():
+        return size, "epochs unknown (its run is not in this work directory)"
+    epochs = json.loads(config.read_text())["epochs"]
+    return size, f"{epochs} epoch{'' if epochs == 1 else 's'}"
 
 
 def pneumonia_starts(vit: FinetuneRecipe, mae_file: str | Path, image_size: int
@@ -564,10 +648,10 @@ def run_pneumonia_finetunes(starts: Mapping[str, FinetuneRecipe], cache: Cache |
 def finetune_comparison(table: pd.DataFrame, cache: Cache | None, work: str | Path,
                         n_boot: int = 1000) -> pd.DataFrame:
     """The MAE start's run against the random start's with the same share and seed, on the
-    test split: one row a (share, seed) in `compare_on_label_shares`' columns (a: random,
-    b: MAE), the paired patient-bootstrap interval from each run's saved test scores."""
+    test split: one row a (share, seed) in `PAIRED` columns (`FINETUNED`; a: random, b: MAE),
+    the paired patient-bootstrap interval from each run's saved test scores."""
     if cache is None or table.empty:
-        return pd.DataFrame(columns=SHARE_COMPARISON)
+        return pd.DataFrame(columns=PAIRED)
     test = cache.split_indices("test")
     ids = cache.index["id"].to_numpy()[test]
     patients = cache.index["patient"].to_numpy()[test]
@@ -578,38 +662,56 @@ def finetune_comparison(table: pd.DataFrame, cache: Cache | None, work: str | Pa
                 for start in (RANDOM, MAE))
         r = paired_comparison(a, b, cache.labels[test], patients, cache.findings,
                               n_boot=n_boot, seed=int(seed))
-        rows.append({"share": share, "seed": seed,
+        rows.append({"pair": FINETUNED.name, "share": share, "seed": seed,
                      "labelled images": int(part["train_images"].iloc[0]),
                      "auc_a": r.mean_auc_a, "auc_b": r.mean_auc_b, "diff": r.diff,
                      "lower": r.lower, "upper": r.upper})
-    return pd.DataFrame(rows, columns=SHARE_COMPARISON)
+    return pd.DataFrame(rows, columns=PAIRED)
 
 
-def share_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per share of a pneumonia comparison, `paired.paired_verdicts` of MAE (b) against the
-    random start (a)."""
-    return paired_verdicts(table, "share", RANDOM, "MAE")
+def pair_verdicts(table: pd.DataFrame, pairings: Sequence[Pairing]) -> pd.DataFrame:
+    """Per pairing and share, `paired.paired_verdicts` of b against a, b's mean AUC as "AUC"
+    and a's as "rival AUC", the pairing named in words."""
+    parts = []
+    for pairing in pairings:
+        verdicts = paired_verdicts(table[table["pair"] == pairing.name], "share", "rival", "b")
+        verdicts = verdicts.rename(columns={"b AUC": "AUC"})
+        verdicts.insert(0, "comparison", pairing.label)
+        parts.append(verdicts)
+    return pd.concat(parts, ignore_index=True)
 
 
-def comparison_words(verdicts: pd.DataFrame, compared: Compared, name: str) -> dict[str, str]:
-    """`<name>_sentence`: every share's comparison, or why the comparison did not run."""
-    if verdicts.empty:
-        return {f"{name}_sentence": "The pneumonia comparison did not run: no pediatric root "
-                                    "was given (parameter `pediatric_root`)."}
-    text = "; ".join(
-        paired_sentence(compared, f"with {r['share']:.0%} of the training labels (about "
-                                  f"{r['labelled images']:,.0f} images)", int(r["seeds"]),
-                        r[f"{RANDOM} AUC"], r["MAE AUC"], r["difference"], r["seed lower"],
-                        r["seed upper"], int(r["seeds ahead"]), int(r["bootstrap excludes 0"]))
-        for r in verdicts.to_dict("records"))
-    return {f"{name}_sentence": text[0].upper() + text[1:] + "."}
+def pair_words(table: pd.DataFrame, pairings: Sequence[Pairing]) -> dict[str, str]:
+    """`<name>_sentence` of each pairing: every share's comparison, or why it did not run."""
+    verdicts = pair_verdicts(table, pairings)
+    words = {}
+    for pairing in pairings:
+        rows = verdicts[verdicts["comparison"] == pairing.label].to_dict("records")
+        if not rows:
+            words[f"{pairing.name}_sentence"] = ("The pneumonia comparison did not run: no "
+                                                 "pediatric root was given (parameter "
+                                                 "`pediatric_root`).")
+            continue
+        text = "; ".join(
+            paired_sentence(pairing.compared, f"with {r['share']:.0%} of the training labels "
+                                              f"(about {r['labelled images']:,.0f} images)",
+                            int(r["seeds"]), r["rival AUC"], r["AUC"], r["difference"],
+                            r["seed lower"], r["seed upper"], int(r["seeds ahead"]),
+                            int(r["bootstrap excludes 0"]))
+            for r in rows)
+        words[f"{pairing.name}_sentence"] = text[0].upper() + text[1:] + "."
+    return words
 
 
-def pneumonia_figure(table: pd.DataFrame, title: str, rival: str) -> Figure:
-    """Each seed's paired difference (MAE - `rival`), one panel a share (`paired.seeds_figure`)."""
+def pairs_figure(table: pd.DataFrame, pairings: Sequence[Pairing], title: str) -> Figure:
+    """Each seed's paired difference (b - a), one panel a pairing and share
+    (`paired.seeds_figure`)."""
     shares = sorted(table["share"].unique())
-    return seeds_figure(table, "share", {s: f"{s:.0%} of the training labels" for s in shares},
-                        title, f"test AUC, MAE - {rival}", "not run: no pediatric root given")
+    panels = table.assign(panel=table["pair"] + " " + table["share"].astype(str))
+    titles = {f"{p.name} {s}": f"{p.b} - {p.a}, {s:.0%} of labels"
+              for p in pairings for s in shares}
+    return seeds_figure(panels, "panel", titles, title, "test AUC difference",
+                        "not run: no pediatric root given")
 
 
 def pneumonia_data_words(cache: Cache | None) -> dict[str, str]:

@@ -31,7 +31,7 @@ from cxr_lib.augment.views import MocoAugment
 from cxr_lib.chapters.files import encoder_path
 from cxr_lib.chapters.plots import image_grid
 from cxr_lib.chapters.sentences import span
-from cxr_lib.chapters.setup import image_noun, images_origin
+from cxr_lib.chapters.setup import image_noun, images_origin, source_counts
 from cxr_lib.data.cache import Cache
 from cxr_lib.engine.config import TrainConfig
 from cxr_lib.methods.moco import (
@@ -65,11 +65,13 @@ def chance_loss(queue_size: int) -> float:
 
 # ----------------------------------------------------------------------------- the images
 
-def data_words(cache: Cache, data_root: str | Path | None) -> dict[str, str]:
-    """The edition's images: where they come from and how many train and validate."""
+def data_words(pooled: Cache, monitored: Cache, data_root: str | Path | None) -> dict[str, str]:
+    """The edition's images: where the monitored ones come from, the training images of the
+    pool by source, and the monitored validation images."""
+    train = pooled.index.iloc[pooled.split_indices("train")]
     return {"images_origin": images_origin(data_root),
-            "n_train": f"{len(cache.split_indices('train')):,}",
-            "n_val": f"{len(cache.split_indices('val')):,}"}
+            "n_train": f"{len(train):,} training images ({source_counts(train)})",
+            "n_val": f"{len(monitored.split_indices('val')):,}"}
 
 
 def recipe_words(cache: Cache, recipe: MocoRecipe) -> dict[str, str]:
@@ -132,15 +134,16 @@ def crop_words(side: int, moco_scale: Sequence[float], mae_scale: Sequence[float
 
 # ----------------------------------------------------------------------------- training
 
-def pretrain_backbones(cache: Cache, recipe: MocoRecipe, models: Sequence[str],
-                       config: TrainConfig, run_root: str | Path, knn: KnnSettings
-                       ) -> dict[str, PretrainedMoco]:
-    """One MoCo v2 run per backbone (the recipe with its model replaced), trained or loaded."""
+def pretrain_backbones(pooled: Cache, recipe: MocoRecipe, models: Sequence[str],
+                       config: TrainConfig, run_root: str | Path, knn: KnnSettings,
+                       monitored: Cache) -> dict[str, PretrainedMoco]:
+    """One MoCo v2 run per backbone (the recipe with its model replaced) on the pool's
+    training images, monitored on `monitored`'s labels, trained or loaded."""
     pretrained = {}
     for model in models:
         print(f"MoCo v2 on {pretty(model)}")
-        pretrained[model] = pretrain_moco(cache, dataclasses.replace(recipe, model=model),
-                                          config, run_root, knn=knn)
+        pretrained[model] = pretrain_moco(pooled, dataclasses.replace(recipe, model=model),
+                                          config, run_root, knn=knn, monitor=monitored)
     return pretrained
 
 

@@ -90,15 +90,19 @@ def paired_sentence(compared: Compared, where: str, seeds: int, auc_a: float, au
 
 
 def seeds_figure(table: pd.DataFrame, by: str, panel_titles: Mapping, title: str, ylabel: str,
-                 missing: str) -> Figure:
+                 missing: str, per_row: int = 3) -> Figure:
     """Each seed's paired difference with its bootstrap interval, one panel a group (`by`,
-    titled by `panel_titles`, in its order), the interval over seeds shaded; `missing` says
-    why a table without rows has no panel."""
+    titled by `panel_titles`, in its order, at most `per_row` panels a row), the interval over
+    seeds shaded; `missing` says why a table without rows has no panel."""
     present = set(table[by])
     groups = [group for group in panel_titles if group in present]
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 3.4),
-                             sharey=True, squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=False):
+    cols = min(per_row, max(1, len(groups)))
+    rows = max(1, math.ceil(len(groups) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[max(1, len(groups)):]:
+        ax.set_visible(False)  # the empty places of the last row
+    for ax, group in zip(axes.flat, groups, strict=False):
         part = table[table[by] == group].dropna(subset=["diff"])
         _, lower, upper = seed_interval(part["diff"])
         ax.axhspan(lower, upper, color="#c44e52", alpha=0.15, label="95% interval over seeds")
@@ -107,7 +111,8 @@ def seeds_figure(table: pd.DataFrame, by: str, panel_titles: Mapping, title: str
                     fmt="o", color="#c44e52", capsize=3, label="one seed (bootstrap 95%)")
         ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
         ax.set(title=panel_titles[group], xlabel="seed", xticks=part["seed"].to_numpy())
-    axes[0][0].set_ylabel(ylabel)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     if groups:
         axes[0][0].legend(fontsize=7, loc="lower left")
     else:

@@ -29,6 +29,8 @@ VERDICTS: Mapping[str, tuple[str, ...]] = {
                            "painting_sentence"),
     "03_moco_baselines": ("images_used", "knn_sentence", "sim_sentence", "gathering_sentence"),
     "04_finetuning_ablations": ("images_used", "pneumonia_probe_sentence",
+                                "pneumonia_moco_probe_sentence",
+                                "pneumonia_mae_moco_probe_sentence",
                                 "pneumonia_finetune_sentence", "start_sentence", "signal_note",
                                 "layer_decay_sentence", "randaug_magnitude_sentence",
                                 "drop_path_sentence", "label_verdict"),

@@ -236,28 +236,33 @@ class MomentumQueue(Callback):
 
 def pretrain_moco(cache: Cache, recipe: MocoRecipe, config: TrainConfig, run_root: str | Path,
                   *, split: str = "train", knn: KnnSettings | None = None,
-                  resident: bool = False, force: bool = False,
+                  monitor: Cache | None = None, resident: bool = False, force: bool = False,
                   progress: bool = True) -> PretrainedMoco:
     """Pre-train MoCo v2 on the `split` images of `cache` (or load the finished run).
 
-    The kNN settings are part of the run's identity, as its history records their AUCs.
-    SGD decays every trainable weight, biases and norms included, as MoCo's code does.
+    The kNN monitor reads the labels of `monitor` (default: `cache` itself), so a pool of
+    sources whose labels differ can pre-train while one labelled source is monitored. The kNN
+    settings and a separate monitor cache are part of the run's identity, as its history
+    records their AUCs. SGD decays every trainable weight, biases and norms included, as MoCo's
+    code does.
     """
     knn = knn or KnnSettings()
+    monitor = cache if monitor is None else monitor
     _check_batch(cache, split, recipe, config.batch_size)
     augment = moco_augment(cache, recipe, split)
     extra = {"recipe": recipe.identity(), "data": cache_identity(cache), "split": split,
              "normalise": [augment.mean, augment.std], "knn": dataclasses.asdict(knn),
+             **({} if monitor is cache else {"monitor": cache_identity(monitor)}),
              **config.extra}
     config = dataclasses.replace(config, extra=extra)
     torch.manual_seed(config.seed)  # the initial weights are part of the run
     moco = recipe.build().to(default_device())
-    knn_start = knn_evaluate(moco.encoder_q, cache, augment.plain, knn)
+    knn_start = knn_evaluate(moco.encoder_q, monitor, augment.plain, knn)
     batches = CacheBatches(cache, split, config.batch_size, shuffle=True, seed=config.seed,
                            drop_last=True, device=default_device(), resident=resident)
     trainable = [p for p in moco.parameters() if p.requires_grad]
     result = fit(moco, batches, None, config, run_root, "moco", loss_func=model_loss,
-                 batch_tfm=augment, cbs=[MomentumQueue(), KnnMonitor(cache, augment.plain, knn)],
+                 batch_tfm=augment, cbs=[MomentumQueue(), KnnMonitor(monitor, augment.plain, knn)],
                  param_groups=[{"params": trainable}], force=force, progress=progress)
     return PretrainedMoco(moco, result, augment, recipe, knn_start)
 
@@ -288,19 +293,34 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, MocoAugment]:
     """The backbone a `save_backbone` file holds (pooled features [B, D]), with the evaluation
     view it was trained with: its recipe's size and channels, its normalisation."""
     state = read_state_dict(path)  # a missing or unreadable file is named first
+    backbone, encoder, view = _saved_backbone(path)
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its tensors do not fit {backbone}: {err}") from None
+    return encoder, view
+
+
+def untrained_backbone(path: str | Path, seed: int) -> tuple[nn.Module, MocoAugment]:
+    """The backbone of a `save_backbone` file's recipe with random weights drawn from `seed`
+    (the floor a pre-trained backbone must clear), with the file's evaluation view."""
+    torch.manual_seed(seed)
+    _, encoder, view = _saved_backbone(path)
+    return encoder, view
+
+
+def _saved_backbone(path: str | Path) -> tuple[str, nn.Module, MocoAugment]:
+    """The backbone a `save_backbone` file names, built with fresh weights, and its evaluation
+    view (the recipe's size and channels, the normalisation it was trained with)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if "backbone" not in saved or not isinstance(saved.get("recipe"), dict):
         raise ValueError(f"{path}: not a backbone file of `save_backbone` (`cxr pretrain moco "
                          "--save`): it names no backbone and recipe")
     recipe = saved["recipe"]
     encoder = build_backbone(saved["backbone"], in_chans=recipe["in_chans"])
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: its tensors do not fit {saved['backbone']}: {err}") from None
     mean, std = saved["normalise"]
-    return encoder, MocoAugment(recipe["image_size"], mean=mean, std=std,
-                                channels=recipe["in_chans"])
+    return saved["backbone"], encoder, MocoAugment(recipe["image_size"], mean=mean, std=std,
+                                                   channels=recipe["in_chans"])
 
 
 # ----------------------------------------------------------------------------- embeddings
