@@ -578,15 +578,22 @@ def pneumonia_probes(mae_file: str | Path, moco_file: str | Path, cache: Cache |
 
     tables = []
     for pairing in pairings:
-        fixed = pairing.a in pretrained and pairing.b in pretrained  # no weights to draw
-        for share in shares:
-            # every label and no weights to draw: each seed would repeat the same run
-            seeds = range(1) if fixed and share >= 1.0 else range(n_seeds)
+        runs = [(shares, range(n_seeds))]  # a random arm's features: drawn once per seed
+        if pairing.a in pretrained and pairing.b in pretrained:  # no weights to draw, and on
+            # every label nothing else either: each seed would repeat the same run
+            runs = [([s for s in shares if s < 1.0], range(n_seeds)),
+                    ([s for s in shares if s >= 1.0], range(1))]
+        for some, seeds in runs:
+            if not some:
+                continue
             table = compare_on_label_shares(cache, arm(pairing.a, pairing.b),
-                                            arm(pairing.b, pairing.a), [share], seeds,
+                                            arm(pairing.b, pairing.a), some, seeds,
                                             n_boot=n_boot)
             tables.append(table.assign(pair=pairing.name)[PAIRED])
-    return pd.concat(tables, ignore_index=True)
+    table = pd.concat(tables, ignore_index=True)
+    order = table["pair"].map({p.name: i for i, p in enumerate(pairings)})
+    return table.assign(order=order).sort_values(["order", "share", "seed"], kind="stable"
+                                                 ).drop(columns="order").reset_index(drop=True)
 
 
 def pretraining_words(work: str | Path, mae_file: str | Path, moco_file: str | Path,
