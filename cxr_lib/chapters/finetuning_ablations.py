@@ -562,6 +562,8 @@ def pneumonia_probes(mae_file: str | Path, moco_file: str | Path, cache: Cache |
     No cache (no pediatric root): no rows."""
     if cache is None:
         return pd.DataFrame(columns=PAIRED)
+    if not shares:
+        raise ValueError("pneumonia_probes: no label share given (parameter `probe_shares`)")
     splits = [cache.split_indices(split) for split in ("train", "test")]
 
     def features(encoder, view) -> tuple[np.ndarray, np.ndarray]:
@@ -583,17 +585,12 @@ def pneumonia_probes(mae_file: str | Path, moco_file: str | Path, cache: Cache |
             # every label nothing else either: each seed would repeat the same run
             runs = [([s for s in shares if s < 1.0], range(n_seeds)),
                     ([s for s in shares if s >= 1.0], range(1))]
-        for some, seeds in runs:
-            if not some:
-                continue
-            table = compare_on_label_shares(cache, arm(pairing.a, pairing.b),
-                                            arm(pairing.b, pairing.a), some, seeds,
-                                            n_boot=n_boot)
-            tables.append(table.assign(pair=pairing.name)[PAIRED])
-    table = pd.concat(tables, ignore_index=True)
-    order = table["pair"].map({p.name: i for i, p in enumerate(pairings)})
-    return table.assign(order=order).sort_values(["order", "share", "seed"], kind="stable"
-                                                 ).drop(columns="order").reset_index(drop=True)
+        parts = [compare_on_label_shares(cache, arm(pairing.a, pairing.b),
+                                         arm(pairing.b, pairing.a), some, seeds, n_boot=n_boot)
+                 for some, seeds in runs if some]
+        table = pd.concat(parts).sort_values(["share", "seed"], kind="stable")
+        tables.append(table.assign(pair=pairing.name)[PAIRED])
+    return pd.concat(tables, ignore_index=True)
 
 
 def pretraining_words(work: str | Path, mae_file: str | Path, moco_file: str | Path,
