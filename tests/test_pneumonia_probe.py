@@ -285,3 +285,9 @@ def test_three_frozen_pairings_share_their_probes_seed_by_seed(cache, tmp_path):
         "MAE - random ViT, 50% of labels", "MAE - random ViT, 100% of labels",
         "MoCo - random ResNet, 50% of labels", "MoCo - random ResNet, 100% of labels",
         "MAE - MoCo, 50% of labels", "MAE - MoCo, 100% of labels"]
+
+
+def test_probes_without_a_label_share_say_which_parameter_is_empty(cache, tmp_path):
+    with pytest.raises(ValueError, match=r"no label share given \(parameter `probe_shares`\)"):
+        ch4.pneumonia_probes(tmp_path / "mae.pt", tmp_path / "moco.pt", cache,
+                             ch4.frozen_pairings("densenet121"), [], 2)
