@@ -174,68 +174,114 @@ def _write_scores(work, run, cache, scores):
     table.iloc[::-1].to_parquet(folder / "test_scores.parquet")
 
 
-def test_finetune_comparison_pairs_the_starts_by_share_and_seed(tmp_path, cache):
+FINETUNED = ch4.finetuned_pairings("densenet121")
+MAE_VS_RANDOM, MOCO_VS_RANDOM, MAE_VS_MOCO = FINETUNED
+
+
+def _finetune_rows(work, cache, shares, n_seeds, gains):
+    """Fine-tuned runs of every start, each with its saved test scores: start s scores
+    noise + gains[s] x labels, the noise drawn per seed and shared by every start."""
     labels = np.nan_to_num(cache.labels[cache.split_indices("test")])
     rows = []
-    for share in (0.5, 1.0):
-        for seed in range(3):
+    for share in shares:
+        for seed in range(n_seeds):
             noise = np.random.default_rng(seed).normal(size=labels.shape)
-            for start, scores in ((ch4.RANDOM, noise), (ch4.MAE, noise + 3 * labels)):
-                run = f"finetune-{start[:3]}-{share}-{seed}"
-                _write_scores(tmp_path, run, cache, scores)
+            for number, (start, gain) in enumerate(gains.items()):
+                run = f"finetune-{number}-{share}-{seed}"
+                _write_scores(work, run, cache, noise + gain * labels)
                 rows.append({"start": start, "train_fraction": share, "seed": seed, "run": run,
                              "train_images": int(100 * share)})
-    pairs = ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path, n_boot=200)
+    return pd.DataFrame(rows)
+
+
+def test_finetune_comparison_pairs_the_starts_by_share_and_seed(tmp_path, cache):
+    gains = {"random ViT": 0, "MAE": 3, "random DenseNet": 0, "MoCo": 0}
+    runs = _finetune_rows(tmp_path, cache, (0.5, 1.0), 3, gains)
+    pairs = ch4.finetune_comparison(runs, cache, tmp_path, FINETUNED, n_boot=200)
     assert list(pairs.columns) == ["pair", *SHARE_COMPARISON]
-    assert set(pairs["pair"]) == {ch4.FINETUNED.name}
-    assert list(pairs["share"]) == [0.5] * 3 + [1.0] * 3
-    assert list(pairs["labelled images"]) == [50] * 3 + [100] * 3
-    assert (pairs["auc_b"] > 0.9).all() and (pairs["auc_a"] < 0.8).all()
-    assert (pairs["lower"] > 0).all()
-    sentence = ch4.pair_words(pairs, [ch4.FINETUNED])["pneumonia_finetune_sentence"]
+    assert list(pairs["pair"]) == [p.name for p in FINETUNED for _ in range(6)]
+    mae = pairs[pairs["pair"] == MAE_VS_RANDOM.name]
+    assert list(mae["share"]) == [0.5] * 3 + [1.0] * 3
+    assert list(mae["labelled images"]) == [50] * 3 + [100] * 3
+    assert (mae["auc_b"] > 0.9).all() and (mae["auc_a"] < 0.8).all()
+    assert (mae["lower"] > 0).all()
+    # MoCo and its random rival scored the same: a difference of exactly zero in every seed
+    moco = pairs[pairs["pair"] == MOCO_VS_RANDOM.name]
+    assert (moco["diff"] == 0).all() and np.allclose(moco["auc_a"], mae["auc_a"])
+    words = ch4.pair_words(pairs, FINETUNED)
+    sentence = words["pneumonia_finetune_sentence"]
     assert sentence.count("decided: the MAE start is the better one") == 2
     assert sentence.count("MAE was ahead in 3 of 3 seeds") == 2
     assert sentence.count("the paired bootstrap over test patients excluded zero in 3 of 3") == 2
     assert "the ViT fine-tuned from MAE reached a test AUC of" in sentence
     assert "for the same ViT fine-tuned from random weights" in sentence
     assert sentence.startswith("With 50% of the training labels (about 50 images)")
+    moco_words = words["pneumonia_moco_finetune_sentence"]
+    assert moco_words.count("MoCo was ahead in 0 of 3 seeds") == 2
+    assert moco_words.count("not decided at this scale") == 2
+    assert "the DenseNet fine-tuned from MoCo v2 reached" in moco_words
+    assert "for the same DenseNet fine-tuned from random weights" in moco_words
+    both = words["pneumonia_mae_moco_finetune_sentence"]
+    assert both.count("decided: the MAE ViT is the better one") == 2
+    assert "against" in both and "for the DenseNet fine-tuned from MoCo v2" in both
 
 
 def test_a_random_start_that_wins_in_every_seed_is_decided_its_way(tmp_path, cache):
-    labels = np.nan_to_num(cache.labels[cache.split_indices("test")])
-    rows = []
-    for seed in range(3):
-        noise = np.random.default_rng(seed).normal(size=labels.shape)
-        for start, scores in ((ch4.RANDOM, noise + 3 * labels), (ch4.MAE, noise)):
-            _write_scores(tmp_path, f"{start[:3]}{seed}", cache, scores)
-            rows.append({"start": start, "train_fraction": 1.0, "seed": seed,
-                         "run": f"{start[:3]}{seed}", "train_images": 100})
-    pairs = ch4.finetune_comparison(pd.DataFrame(rows), cache, tmp_path, n_boot=200)
-    sentence = ch4.pair_words(pairs, [ch4.FINETUNED])["pneumonia_finetune_sentence"]
-    assert "MAE was ahead in 0 of 3 seeds" in sentence
-    assert sentence.endswith("decided: the random start is the better one.")
+    gains = {"random ViT": 3, "MAE": 0, "random DenseNet": 3, "MoCo": 0}
+    runs = _finetune_rows(tmp_path, cache, (1.0,), 3, gains)
+    pairs = ch4.finetune_comparison(runs, cache, tmp_path, FINETUNED[:2], n_boot=200)
+    words = ch4.pair_words(pairs, FINETUNED[:2])
+    assert "MAE was ahead in 0 of 3 seeds" in words["pneumonia_finetune_sentence"]
+    assert words["pneumonia_finetune_sentence"].endswith(
+        "decided: the random start is the better one.")
+    assert words["pneumonia_moco_finetune_sentence"].endswith(
+        "decided: the random start is the better one.")
 
 
-def test_pneumonia_starts_differ_only_in_the_start_and_the_random_start_s_decay(tmp_path):
+def test_a_pairing_whose_start_never_ran_is_named(tmp_path, cache):
+    runs = _finetune_rows(tmp_path, cache, (1.0,), 1, {"random ViT": 0, "MAE": 3})
+    with pytest.raises(ValueError, match="no fine-tuned run of MoCo, random DenseNet"):
+        ch4.finetune_comparison(runs, cache, tmp_path, FINETUNED)
+
+
+def _saved_sizes(tmp_path, mae_size=64, moco_size=32):
+    """An MAE and a MoCo v2 file as far as the starts read them: their recipe's image size."""
+    mae, moco = tmp_path / "mae.pt", tmp_path / "moco.pt"
+    torch.save({"recipe": {"image_size": mae_size}}, mae)
+    torch.save({"recipe": {"image_size": moco_size}}, moco)
+    return mae, moco
+
+
+def test_pneumonia_starts_differ_only_in_the_start_and_the_random_vit_s_decay(tmp_path):
     vit = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8)
-    starts = ch4.pneumonia_starts(vit, tmp_path / "mae.pt", 64)
-    random, mae = starts[ch4.RANDOM], starts[ch4.MAE]
+    cnn = FinetuneRecipe(model="densenet121", image_size=32, layer_decay=None, drop_path=0.0)
+    mae_file, moco_file = _saved_sizes(tmp_path, 64, 48)
+    starts = ch4.pneumonia_starts(vit, cnn, mae_file, moco_file, "densenet121")
+    assert list(starts) == [arm for p in FINETUNED[:2] for arm in (p.a, p.b)]
+    random, mae = starts["random ViT"], starts["MAE"]
     assert (random.init, random.layer_decay, random.image_size) == ("random", 1.0, 64)
-    assert (mae.init, mae.weights, mae.layer_decay) == ("mae", str(tmp_path / "mae.pt"), 0.55)
+    assert (mae.init, mae.weights, mae.layer_decay) == ("mae", str(mae_file), 0.55)
     assert dataclasses.replace(mae, init="random", weights=None, layer_decay=1.0) == random
-    assert ch4.finetune_setup_words(10, 64, 3) == {
-        "pneumonia_epochs": "10", "pneumonia_size": "64 px", "pneumonia_seeds": "3 seeds"}
+    random_cnn, moco = starts["random DenseNet"], starts["MoCo"]
+    assert (random_cnn.init, random_cnn.image_size, random_cnn.layer_decay) == ("random", 48,
+                                                                                None)
+    assert (moco.init, moco.weights) == ("moco", str(moco_file))
+    assert dataclasses.replace(moco, init="random", weights=None) == random_cnn
+    assert ch4.finetune_setup_words(10, 3) == {"pneumonia_epochs": "10",
+                                               "pneumonia_seeds": "3 seeds"}
 
 
 def test_without_a_pediatric_root_nothing_is_fine_tuned(tmp_path):
     vit = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8)
-    starts = ch4.pneumonia_starts(vit, tmp_path / "mae.pt", 32)
+    cnn = FinetuneRecipe(model="densenet121", image_size=32, layer_decay=None)
+    starts = ch4.pneumonia_starts(vit, cnn, *_saved_sizes(tmp_path), "densenet121")
     table = ch4.run_pneumonia_finetunes(starts, None, TrainConfig(), [0.1], 3, tmp_path)
     assert table.empty and not (tmp_path / "pneumonia_finetunes.parquet").exists()
-    pairs = ch4.finetune_comparison(table, None, tmp_path)
+    pairs = ch4.finetune_comparison(table, None, tmp_path, FINETUNED)
     assert pairs.empty and list(pairs.columns) == ch4.PAIRED
-    words = ch4.pair_words(pairs, [ch4.FINETUNED])
-    assert words["pneumonia_finetune_sentence"].startswith("The pneumonia comparison did not run")
+    words = ch4.pair_words(pairs, FINETUNED)
+    assert all(words[f"{p.name}_sentence"].startswith("The pneumonia comparison did not run")
+               for p in FINETUNED)
 
 
 def test_three_frozen_pairings_share_their_probes_seed_by_seed(cache, tmp_path):

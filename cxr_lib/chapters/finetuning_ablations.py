@@ -542,11 +542,28 @@ def frozen_pairings(cnn_model: str) -> tuple[Pairing, ...]:
     )
 
 
-FINETUNED = Pairing("pneumonia_finetune", RANDOM, "MAE",
-                    Compared("the ViT fine-tuned from MAE",
-                             "the same ViT fine-tuned from random weights", "MAE",
-                             "the MAE start is the better one",
-                             "the random start is the better one"))
+def finetuned_pairings(cnn_model: str) -> tuple[Pairing, ...]:
+    """The fine-tuned comparisons on pneumonia, the frozen ones' arms after every weight
+    trained: MAE against a random ViT, MoCo v2 against a random `cnn_model`, and MAE against
+    MoCo v2 (each arm a start of `pneumonia_starts`)."""
+    cnn = cnn_family(cnn_model)
+    return (
+        Pairing("pneumonia_finetune", f"random {VIT}", "MAE",
+                Compared("the ViT fine-tuned from MAE",
+                         "the same ViT fine-tuned from random weights", "MAE",
+                         "the MAE start is the better one", "the random start is the better one")),
+        Pairing("pneumonia_moco_finetune", f"random {cnn}", "MoCo",
+                Compared(f"the {cnn} fine-tuned from MoCo v2",
+                         f"the same {cnn} fine-tuned from random weights", "MoCo",
+                         "the MoCo v2 start is the better one",
+                         "the random start is the better one")),
+        Pairing("pneumonia_mae_moco_finetune", "MoCo", "MAE",
+                Compared("the ViT fine-tuned from MAE", f"the {cnn} fine-tuned from MoCo v2",
+                         "MAE", "the MAE ViT is the better one",
+                         f"the MoCo v2 {cnn} is the better one")),
+    )
+
+
 PAIRED = ["pair", *SHARE_COMPARISON]  # the columns of every pneumonia comparison's runs
 
 
@@ -595,42 +612,51 @@ def pneumonia_probes(mae_file: str | Path, moco_file: str | Path, cache: Cache |
 
 def pretraining_words(work: str | Path, mae_file: str | Path, moco_file: str | Path,
                       cnn_model: str) -> dict[str, str]:
-    """probe_sizes and pretraining_lengths: the image size each frozen encoder was pre-trained
-    (and is probed) at, and its epochs, read from its file and the run the file names."""
+    """probe_sizes and pretraining_lengths: the image size each encoder was pre-trained at (and
+    is probed and fine-tuned at on pneumonia), and its epochs, read from its file and the run
+    the file names."""
     cnn = cnn_family(cnn_model)
-    (mae_size, mae_epochs), (moco_size, moco_epochs) = (_pretrained_at(work, path)
-                                                        for path in (mae_file, moco_file))
-    return {"probe_sizes": f"{mae_size} px for the ViT, {moco_size} px for the {cnn}",
+    mae_epochs, moco_epochs = (_pretraining_epochs(work, path) for path in (mae_file, moco_file))
+    return {"probe_sizes": f"{pretrained_size(mae_file)} px for the ViT, "
+                           f"{pretrained_size(moco_file)} px for the {cnn}",
             "pretraining_lengths": f"{mae_epochs} for the MAE ViT, {moco_epochs} for the "
                                    f"MoCo v2 {cnn}"}
 
 
-def _pretrained_at(work: str | Path, path: str | Path) -> tuple[int, str]:
-    """A saved encoder's image size and its run's epochs in words ("100 epochs"), or that
-    the run is not in this work directory."""
+def pretrained_size(path: str | Path) -> int:
+    """The image size a saved encoder (MAE or MoCo v2) was pre-trained at."""
+    return torch.load(path, map_location="cpu", weights_only=True)["recipe"]["image_size"]
+
+
+def _pretraining_epochs(work: str | Path, path: str | Path) -> str:
+    """A saved encoder's pre-training epochs in words ("100 epochs"), or that its run is not
+    in this work directory."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     config = runs_dir(work) / str(saved.get("run")) / runs.CONFIG
-    size = saved["recipe"]["image_size"]
     if not config.is_file():
-        return size, "epochs unknown (its run is not in this work directory)"
+        return "epochs unknown (its run is not in this work directory)"
     epochs = json.loads(config.read_text())["epochs"]
-    return size, f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    return f"{epochs} epoch{'' if epochs == 1 else 's'}"
 
 
-def pneumonia_starts(vit: FinetuneRecipe, mae_file: str | Path, image_size: int
-                     ) -> dict[str, FinetuneRecipe]:
-    """The two starts fine-tuned on pneumonia, at `image_size`: MAE with the chapter's recipe,
-    and random weights with the same recipe but a layer-wise decay of 1.0 (none), since the
-    decay would hold a random ViT's first blocks near their random start."""
-    base = dataclasses.replace(vit, image_size=image_size)
-    return {RANDOM: dataclasses.replace(base, layer_decay=1.0),
-            MAE: dataclasses.replace(base, init="mae", weights=str(mae_file))}
+def pneumonia_starts(vit: FinetuneRecipe, cnn: FinetuneRecipe, mae_file: str | Path,
+                     moco_file: str | Path, cnn_model: str) -> dict[str, FinetuneRecipe]:
+    """The starts fine-tuned on pneumonia, by the arm names of `finetuned_pairings`, each
+    architecture at the size its encoder was pre-trained at: MAE with the chapter's ViT recipe
+    and a random ViT with the same recipe but a layer-wise decay of 1.0 (none), since the decay
+    would hold a random ViT's first blocks near their random start; MoCo v2 and a random
+    `cnn_model` with the same CNN recipe (it has no layer-wise decay)."""
+    vit = dataclasses.replace(vit, image_size=pretrained_size(mae_file))
+    cnn = dataclasses.replace(cnn, image_size=pretrained_size(moco_file))
+    return {f"random {VIT}": dataclasses.replace(vit, layer_decay=1.0),
+            "MAE": dataclasses.replace(vit, init="mae", weights=str(mae_file)),
+            f"random {cnn_family(cnn_model)}": cnn,
+            "MoCo": dataclasses.replace(cnn, init="moco", weights=str(moco_file))}
 
 
-def finetune_setup_words(epochs: int, image_size: int, n_seeds: int) -> dict[str, str]:
-    """The pneumonia fine-tuning's schedule, image size and seeds, as the prose quotes them."""
-    return {"pneumonia_epochs": f"{epochs}", "pneumonia_size": f"{image_size} px",
-            "pneumonia_seeds": seeds_words(n_seeds)}
+def finetune_setup_words(epochs: int, n_seeds: int) -> dict[str, str]:
+    """The pneumonia fine-tuning's schedule and seeds, as the prose quotes them."""
+    return {"pneumonia_epochs": f"{epochs}", "pneumonia_seeds": seeds_words(n_seeds)}
 
 
 def run_pneumonia_finetunes(starts: Mapping[str, FinetuneRecipe], cache: Cache | None,
@@ -650,26 +676,30 @@ def run_pneumonia_finetunes(starts: Mapping[str, FinetuneRecipe], cache: Cache |
 
 
 def finetune_comparison(table: pd.DataFrame, cache: Cache | None, work: str | Path,
-                        n_boot: int = 1000) -> pd.DataFrame:
-    """The MAE start's run against the random start's with the same share and seed, on the
-    test split: one row a (share, seed) in `PAIRED` columns (`FINETUNED`; a: random, b: MAE),
-    the paired patient-bootstrap interval from each run's saved test scores."""
+                        pairings: Sequence[Pairing], n_boot: int = 1000) -> pd.DataFrame:
+    """Each pairing's arm b against its arm a, fine-tuned with the same share and seed, on the
+    test split: one row a (pairing, share, seed) in `PAIRED` columns, the paired
+    patient-bootstrap interval from each run's saved test scores."""
     if cache is None or table.empty:
         return pd.DataFrame(columns=PAIRED)
+    missing = sorted({arm for p in pairings for arm in (p.a, p.b)} - set(table["start"]))
+    if missing:
+        raise ValueError(f"finetune_comparison: no fine-tuned run of {', '.join(missing)}")
     test = cache.split_indices("test")
     ids = cache.index["id"].to_numpy()[test]
     patients = cache.index["patient"].to_numpy()[test]
     rows = []
-    for (share, seed), part in table.groupby(["train_fraction", "seed"], sort=True):
-        run = part.set_index("start")["run"]
-        a, b = (test_scores(work, run[start]).loc[ids, cache.findings].to_numpy()
-                for start in (RANDOM, MAE))
-        r = paired_comparison(a, b, cache.labels[test], patients, cache.findings,
-                              n_boot=n_boot, seed=int(seed))
-        rows.append({"pair": FINETUNED.name, "share": share, "seed": seed,
-                     "labelled images": int(part["train_images"].iloc[0]),
-                     "auc_a": r.mean_auc_a, "auc_b": r.mean_auc_b, "diff": r.diff,
-                     "lower": r.lower, "upper": r.upper})
+    for pairing in pairings:
+        for (share, seed), part in table.groupby(["train_fraction", "seed"], sort=True):
+            run = part.set_index("start")["run"]
+            a, b = (test_scores(work, run[start]).loc[ids, cache.findings].to_numpy()
+                    for start in (pairing.a, pairing.b))
+            r = paired_comparison(a, b, cache.labels[test], patients, cache.findings,
+                                  n_boot=n_boot, seed=int(seed))
+            rows.append({"pair": pairing.name, "share": share, "seed": seed,
+                         "labelled images": int(part["train_images"].iloc[0]),
+                         "auc_a": r.mean_auc_a, "auc_b": r.mean_auc_b, "diff": r.diff,
+                         "lower": r.lower, "upper": r.upper})
     return pd.DataFrame(rows, columns=PAIRED)
 
 
