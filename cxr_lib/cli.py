@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from cxr_lib.bench.options import add_bench_arguments
@@ -127,7 +129,9 @@ def _pretrain_mae(args: argparse.Namespace) -> None:
 
     profile, recipe, config = _mae_recipe_and_config(args)
     runs_dir = _runs_dir(args, profile)
-    pretrained = pretrain_mae(open_cache(args.data), recipe, config, runs_dir, force=args.force)
+    with _divergence_said_once():
+        pretrained = pretrain_mae(open_cache(args.data), recipe, config, runs_dir,
+                                  force=args.force)
     _print_run(pretrained.run)
     if args.save:
         print(f"encoder saved to {save_encoder(pretrained, args.save)}")
@@ -178,8 +182,9 @@ def _pretrain_moco(args: argparse.Namespace) -> None:
     profile, recipe, config, knn = _moco_recipe_and_config(args)
     runs_dir = _runs_dir(args, profile)
     monitor = open_cache(args.monitor_data) if args.monitor_data else None
-    pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
-                               monitor=monitor, force=args.force)
+    with _divergence_said_once():
+        pretrained = pretrain_moco(open_cache(args.data), recipe, config, runs_dir, knn=knn,
+                                   monitor=monitor, force=args.force)
     _print_run(pretrained.run)
     print(f"kNN AUC {pretrained.knn_start:.3f} before pre-training, "
           f"{pretrained.knn_end:.3f} after")
@@ -224,6 +229,17 @@ def _engine_settings(args: argparse.Namespace) -> dict:
 def _print_run(run) -> None:
     state = "loaded the finished run" if run.loaded_from_cache else "trained"
     print(f"{state} {run.path}")
+
+
+@contextlib.contextmanager
+def _divergence_said_once():
+    """Train inside: the engine's warning of a diverged run is held back, because the command
+    then ends with the same note as its error (`_exit_if_diverged`)."""
+    from cxr_lib.engine.config import DivergedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergedWarning)
+        yield
 
 
 def _exit_if_diverged(run) -> None:
@@ -278,7 +294,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
     profile, recipe, config = _recipe_and_config(args)
     runs_dir = _runs_dir(args, profile)
-    result = finetune(open_cache(args.data), recipe, config, runs_dir, force=args.force)
+    with _divergence_said_once():
+        result = finetune(open_cache(args.data), recipe, config, runs_dir, force=args.force)
     _print_run(result.run)
     print(f"start: {result.load_report.summary}")
     print(f"validation AUC {result.valid_auc:.4f} (best epoch); test AUC {result.test_auc:.4f} "

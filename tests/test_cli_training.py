@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 from cxr_lib.cli import main
 from cxr_lib.engine import runs
+from cxr_lib.engine.config import DivergedWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 # ViT-tiny/8 at 32 px on 25 training phantoms, batch 4: 6 steps an epoch
@@ -70,11 +72,15 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_weights(phantoms, tmp_
         assert torch.equal(resumed[name], weights), name
 
 
-def test_a_blow_up_ends_the_command_with_its_note(phantoms, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"^cxr: error: the run diverged: its train loss rose "
-                       r"from .* --base-lr"):
-        main([*MAE, "--data", str(phantoms), "--epochs", "3", "--base-lr", "600",
-              "--runs", str(tmp_path)])
+def test_a_blow_up_ends_the_command_with_its_note_said_once(phantoms, tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit, match=r"^cxr: error: the run diverged: its train loss "
+                           r"rose from .* --base-lr"):
+            main([*MAE, "--data", str(phantoms), "--epochs", "3", "--base-lr", "600",
+                  "--runs", str(tmp_path)])
+    assert not [w for w in seen if issubclass(w.category, DivergedWarning)]  # only the error
+    assert "diverged" not in capsys.readouterr().err
     (run,) = tmp_path.glob("mae-*")
     assert runs.read_metrics(run)["status"] == "diverged"
 

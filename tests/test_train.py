@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from cxr_lib.engine import callbacks, runs
-from cxr_lib.engine.config import TrainConfig, TrainingDiverged, rise_note
+from cxr_lib.engine.config import DivergedWarning, TrainConfig, TrainingDiverged, rise_note
 from cxr_lib.engine.fit import fit
 from cxr_lib.engine.metrics import ValidAUC, masked_bce_loss, mean_auc, model_loss
 from cxr_lib.engine.schedule import schedule_at, torch_one_cycle
@@ -338,12 +338,12 @@ class _BlowUp:
 
 def test_a_finite_blow_up_is_recorded_as_diverged(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=6, base_lr=0.5)
-    with pytest.warns(UserWarning, match="diverged: its train loss rose from"):
+    with pytest.warns(DivergedWarning, match="diverged: its train loss rose from"):
         res = _fit(_model(), tmp_path, cfg, batch_tfm=_BlowUp(6))
     assert all(math.isfinite(v) for v in res.history["train_loss"])
     assert res.metrics["status"] == "diverged" and "--base-lr" in res.metrics["diverged"]
     assert runs.is_finished(res.path)  # finished: a rerun loads it and says so again
-    with pytest.warns(UserWarning, match="diverged"):
+    with pytest.warns(DivergedWarning, match="diverged"):
         again = _fit(_model(), tmp_path, cfg, batch_tfm=_BlowUp(6))
     assert again.loaded_from_cache and again.metrics["status"] == "diverged"
     calm = _fit(_model(), tmp_path / "calm", cfg)

@@ -30,6 +30,11 @@ OPERATIONAL = ("checkpoint_every", "checkpoint_minutes", "nan_check_every", "com
 DIVERGED_RISE = 4.0
 
 
+class DivergedWarning(UserWarning):
+    """A run ended with finite losses far above the one it started from (`rise_note` says
+    what to change); the run folder keeps it, marked diverged."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; its hash names the run folder.

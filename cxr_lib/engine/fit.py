@@ -83,7 +83,13 @@ from timm.utils import unwrap_model
 from cxr_lib.device import barrier, distributed, gather
 from cxr_lib.engine import runs
 from cxr_lib.engine.callbacks import _DDP, _Inputs, _NanGuard, _Progress, _Recorder
-from cxr_lib.engine.config import RunResult, TrainConfig, TrainingDiverged, rise_note
+from cxr_lib.engine.config import (
+    DivergedWarning,
+    RunResult,
+    TrainConfig,
+    TrainingDiverged,
+    rise_note,
+)
 from cxr_lib.engine.fastpath import _Compile, _precision_callbacks, cnn_fast_path, cudnn_benchmark
 from cxr_lib.engine.metrics import EpochMetric
 from cxr_lib.engine.resume import (
@@ -154,7 +160,7 @@ def _metrics(s: _RunState, config: TrainConfig, path: Path, world: int,
 
 def _warn_if_diverged(metrics: dict, path: Path) -> dict:
     if metrics.get("status") == "diverged":
-        warnings.warn(f"{path.name}: {metrics['diverged']}", stacklevel=3)
+        warnings.warn(f"{path.name}: {metrics['diverged']}", DivergedWarning, stacklevel=3)
     return metrics
 
 
