@@ -12,6 +12,7 @@ import torch
 
 from cxr_lib.analysis.stats import seed_interval
 from cxr_lib.chapters import finetuning_ablations as ch4
+from cxr_lib.chapters.files import PNEUMONIA_SWEEPS, chapter4_table_paths, runs_dir
 from cxr_lib.chapters.mae_pretraining import carried_words
 from cxr_lib.chapters.setup import chapter_cache, pediatric_dataset, pneumonia_cache, pooled_cache
 from cxr_lib.data.phantoms import phantom_dataset
@@ -337,3 +338,37 @@ def test_probes_without_a_label_share_say_which_parameter_is_empty(cache, tmp_pa
     with pytest.raises(ValueError, match=r"no label share given \(parameter `probe_shares`\)"):
         ch4.pneumonia_probes(tmp_path / "mae.pt", tmp_path / "moco.pt", cache,
                              ch4.frozen_pairings("densenet121"), [], 2)
+
+
+def test_sweeps_on_pneumonia_keep_their_tables_out_of_chapter_5s(cache, tmp_path):
+    """The sweeps run again on a second task under their own prefix: chapter 5, which reads
+    the `ch4_` tables of the 14 findings, does not see them."""
+    start = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=16,
+                           train_fraction=0.5)
+    plan = {"layer_decay": ch4.Sweep("layer-wise LR decay", [0.55, 1.0], 0.55)}
+    config = TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, base_lr=1e-3)
+    tables = ch4.run_sweeps(start, plan, [0], cache, config, runs_dir(tmp_path),
+                            prefix=PNEUMONIA_SWEEPS)
+    assert list(tables["layer_decay"]["layer_decay"]) == [0.55, 1.0]
+    assert (runs_dir(tmp_path) / "pneumonia_layer_decay.parquet").is_file()
+    assert chapter4_table_paths(tmp_path) == []
+    words = ch4.sweep_words(plan, tables, prefix="pneumonia_")
+    assert list(words) == ["pneumonia_layer_decay_sentence"]
+    assert "layer-wise LR decay" in words["pneumonia_layer_decay_sentence"]
+
+
+def test_without_a_pediatric_root_the_pneumonia_sweeps_say_they_did_not_run(tmp_path):
+    plan = ch4.sweeps([0.55, 1.0], [0, 6], [0.0, 0.2], 0.55, 6, 0.2)
+    start = FinetuneRecipe(model="vit_tiny_patch16", image_size=32, patch_size=8)
+    tables = ch4.run_sweeps(start, plan, [0], None, TrainConfig(), tmp_path,
+                            prefix=PNEUMONIA_SWEEPS)
+    assert tables == {} and not list(tmp_path.iterdir())
+    words = ch4.sweep_words(plan, tables, prefix="pneumonia_")
+    assert words["pneumonia_drop_path_sentence"] == (
+        "The drop-path rate sweep did not run: no pediatric root was given (parameter "
+        "`pediatric_root`).")
+    assert len(words) == 3 and ch4.sweep_table(tables).empty
+    fig = ch4.sweeps_figure(plan, tables, "AUC", "Sweeps on pneumonia")
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts == ["not run: no pediatric root given"] * 3
+    assert fig._suptitle.get_text() == "Sweeps on pneumonia"

@@ -3,8 +3,9 @@
 Chapter 1 makes the preprocessing cache under `cache/`, which every chapter reads.
 Chapter 2 saves the MAE encoder and chapter 3 the MoCo backbone under `encoders/`; chapter 4
 fine-tunes from them and writes its tables of runs as `runs/ch4_<name>.parquet` (its pneumonia
-runs' as `runs/pneumonia_finetunes.parquet`); chapter 5 reads the `ch4_` tables and each run's
-test scores; chapter 6 saves its cocktail encoders beside them.
+runs' as `runs/pneumonia_finetunes.parquet` and `runs/pneumonia_<setting>.parquet`); chapter 5
+reads the `ch4_` tables and each run's test scores; chapter 6 saves its cocktail encoders
+beside them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from cxr_lib.methods.finetune import TEST_SCORES
 
 SAVED_BY = {"mae": 2, "moco": 3, "cocktail": 6}  # pre-training method -> chapter that saves it
 CHAPTER4_TABLES = "ch4_"  # prefix of chapter 4's tables of runs (on the 14 findings)
-# chapter 4's table of pneumonia runs: another task, so not among the tables chapter 5 reads
+# chapter 4's tables of pneumonia runs: another task, so not among the tables chapter 5 reads
 PNEUMONIA_FINETUNES = "pneumonia_finetunes"
+PNEUMONIA_SWEEPS = "pneumonia_"  # prefix of its sweeps' tables, `pneumonia_<setting>`
 
 
 def cache_dir(work: str | Path, dataset: str, size: int) -> Path:

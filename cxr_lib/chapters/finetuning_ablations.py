@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from cxr_lib.analysis.stats import paired_comparison
 from cxr_lib.chapters.files import (
+    CHAPTER4_TABLES,
     PNEUMONIA_FINETUNES,
     chapter4_table_name,
     chapter4_table_paths,
@@ -340,31 +341,42 @@ def sweeps(layer_decays: Sequence[float], randaug_magnitudes: Sequence[float],
 
 
 def run_sweeps(start: FinetuneRecipe, plan: Mapping[str, Sweep], seeds: Sequence[int],
-               cache: Cache, config: TrainConfig, run_root: str | Path
-               ) -> dict[str, pd.DataFrame]:
+               cache: Cache | None, config: TrainConfig, run_root: str | Path,
+               prefix: str = CHAPTER4_TABLES) -> dict[str, pd.DataFrame]:
     """Fine-tune (or load) every value of every sweep with every seed from `start`; per sweep,
-    the mean and spread over seeds, one row a value."""
+    the mean and spread over seeds, one row a value, its table of runs saved as
+    `<prefix><setting>.parquet`. No cache (no pediatric root for pneumonia): no sweep."""
+    if cache is None:
+        return {}
     tables = {}
     for setting, sweep in plan.items():
         table = run_grid(start, {setting: sweep.values, "seed": seeds}, cache, config, run_root,
-                         name=chapter4_table_name(setting))
+                         name=prefix + setting)
         tables[setting] = seed_summary(table, setting)
     return tables
 
 
-def sweeps_figure(plan: Mapping[str, Sweep], tables: Mapping[str, pd.DataFrame]) -> Figure:
-    """One panel a sweep: validation and test AUC by value, the paper's value marked."""
+def sweeps_figure(plan: Mapping[str, Sweep], tables: Mapping[str, pd.DataFrame],
+                  ylabel: str = "mean AUC over findings", title: str | None = None) -> Figure:
+    """One panel a sweep: validation and test AUC by value, the paper's value marked; a sweep
+    without a table says it did not run (no pediatric root for pneumonia)."""
     fig, axes = plt.subplots(1, len(plan), figsize=(13, 3.8), sharey=True)
     for ax, (setting, sweep) in zip(axes, plan.items(), strict=True):
+        ax.set(xlabel=sweep.label, title=sweep.label)
+        if setting not in tables:
+            ax.text(0.5, 0.5, "not run: no pediatric root given", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
         summary = tables[setting]
         for split, color in (("valid", "black"), ("test", "#dd8452")):
             ax.errorbar(summary[setting], summary[f"{split}_auc_mean"],
                         yerr=summary[f"{split}_auc_std"].fillna(0), marker="o", color=color,
                         label=split_name(split), capsize=3)
         ax.axvline(sweep.paper, color="#c44e52", linestyle=":", label=f"paper ({sweep.paper})")
-        ax.set(xlabel=sweep.label, title=sweep.label)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("mean AUC over findings")
+    axes[0].set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -381,18 +393,25 @@ def setting_sentence(label: str, values: Sequence, valid: Sequence[float],
             + check_sentence(label, values, valid, test))
 
 
-def sweep_words(plan: Mapping[str, Sweep], tables: Mapping[str, pd.DataFrame]
-                ) -> dict[str, str]:
-    """`<setting>_sentence` for every sweep."""
-    return {f"{setting}_sentence": setting_sentence(
+def sweep_words(plan: Mapping[str, Sweep], tables: Mapping[str, pd.DataFrame],
+                prefix: str = "") -> dict[str, str]:
+    """`<prefix><setting>_sentence` for every sweep; a sweep that did not run (no pediatric
+    root for pneumonia) says so."""
+    return {f"{prefix}{setting}_sentence": setting_sentence(
                 sweep.label, tables[setting][setting].tolist(),
                 tables[setting]["valid_auc_mean"].tolist(),
                 tables[setting]["test_auc_mean"].tolist(), sweep.paper)
+            if setting in tables else
+            f"The {sweep.label} sweep did not run: no pediatric root was given (parameter "
+            "`pediatric_root`)."
             for setting, sweep in plan.items()}
 
 
 def sweep_table(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """The sweeps' mean validation and test AUCs, indexed by (sweep, value)."""
+    """The sweeps' mean validation and test AUCs, indexed by (sweep, value); no sweep, no
+    rows."""
+    if not tables:
+        return pd.DataFrame(columns=["valid_auc_mean", "test_auc_mean"])
     return pd.concat({s: t.set_index(s)[["valid_auc_mean", "test_auc_mean"]]
                       for s, t in tables.items()}, names=["sweep", "value"]).round(3)
 

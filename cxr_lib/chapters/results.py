@@ -35,7 +35,9 @@ VERDICTS: Mapping[str, tuple[str, ...]] = {
                                 "pneumonia_moco_finetune_sentence",
                                 "pneumonia_mae_moco_finetune_sentence", "start_sentence",
                                 "signal_note", "layer_decay_sentence", "randaug_magnitude_sentence",
-                                "drop_path_sentence", "label_verdict"),
+                                "drop_path_sentence", "pneumonia_layer_decay_sentence",
+                                "pneumonia_randaug_magnitude_sentence",
+                                "pneumonia_drop_path_sentence", "label_verdict"),
     "05_results_analysis": ("images_used", "every_run_sentence", "paired_sentence", "map_note"),
     "06_cocktail_hiera": ("images_used", "ranking", "painter_sentence"),
 }
