@@ -635,22 +635,26 @@ def pretraining_words(work: str | Path, mae_file: str | Path, moco_file: str | P
     is probed and fine-tuned at on pneumonia), and its epochs, read from its file and the run
     the file names."""
     cnn = cnn_family(cnn_model)
-    mae_epochs, moco_epochs = (_pretraining_epochs(work, path) for path in (mae_file, moco_file))
-    return {"probe_sizes": f"{pretrained_size(mae_file)} px for the ViT, "
-                           f"{pretrained_size(moco_file)} px for the {cnn}",
-            "pretraining_lengths": f"{mae_epochs} for the MAE ViT, {moco_epochs} for the "
-                                   f"MoCo v2 {cnn}"}
+    mae, moco = (_saved_header(path) for path in (mae_file, moco_file))
+    return {"probe_sizes": f"{mae['recipe']['image_size']} px for the ViT, "
+                           f"{moco['recipe']['image_size']} px for the {cnn}",
+            "pretraining_lengths": f"{_pretraining_epochs(work, mae)} for the MAE ViT, "
+                                   f"{_pretraining_epochs(work, moco)} for the MoCo v2 {cnn}"}
 
 
 def pretrained_size(path: str | Path) -> int:
     """The image size a saved encoder (MAE or MoCo v2) was pre-trained at."""
-    return torch.load(path, map_location="cpu", weights_only=True)["recipe"]["image_size"]
+    return _saved_header(path)["recipe"]["image_size"]
 
 
-def _pretraining_epochs(work: str | Path, path: str | Path) -> str:
+def _saved_header(path: str | Path) -> dict:
+    """A saved encoder file as `torch.load` reads it (its recipe, run and weights)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _pretraining_epochs(work: str | Path, saved: dict) -> str:
     """A saved encoder's pre-training epochs in words ("100 epochs"), or that its run is not
     in this work directory."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
     config = runs_dir(work) / str(saved.get("run")) / runs.CONFIG
     if not config.is_file():
         return "epochs unknown (its run is not in this work directory)"
@@ -707,12 +711,13 @@ def finetune_comparison(table: pd.DataFrame, cache: Cache | None, work: str | Pa
     test = cache.split_indices("test")
     ids = cache.index["id"].to_numpy()[test]
     patients = cache.index["patient"].to_numpy()[test]
+    scores = {run: test_scores(work, run).loc[ids, cache.findings].to_numpy()
+              for run in table["run"]}  # each run is read once, whatever its pairings
     rows = []
     for pairing in pairings:
         for (share, seed), part in table.groupby(["train_fraction", "seed"], sort=True):
             run = part.set_index("start")["run"]
-            a, b = (test_scores(work, run[start]).loc[ids, cache.findings].to_numpy()
-                    for start in (pairing.a, pairing.b))
+            a, b = scores[run[pairing.a]], scores[run[pairing.b]]
             r = paired_comparison(a, b, cache.labels[test], patients, cache.findings,
                                   n_boot=n_boot, seed=int(seed))
             rows.append({"pair": pairing.name, "share": share, "seed": seed,
