@@ -1,0 +1,27 @@
+"""Every chapter executes under the `smoke` profile on the real NIH and pediatric samples (the
+data branches the published and `gpu-sample` editions take; skipped where the samples are
+absent), in a copy of the project as in tests/test_chapters.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+from samples import sample
+from test_chapters import CHAPTERS, assert_reads_cleanly, execute_study, glued_text
+
+
+@pytest.fixture(scope="module")
+def executed_on_samples(tmp_path_factory) -> Path:
+    return execute_study(tmp_path_factory.mktemp("study-samples"),
+                         data_root=sample("nih-cxr14-sample"),
+                         pediatric_root=sample("pediatric-pneumonia-sample"))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_executes_on_the_real_samples_and_says_so(executed_on_samples, chapter):
+    path = executed_on_samples / "build" / "smoke" / "chapters" / f"{chapter}.ipynb"
+    glued = glued_text(assert_reads_cleanly(json.loads(path.read_text())))
+    said = " ".join(glued.values())
+    assert "ChestX-ray14" in said and "phantoms (no data root" not in said
+    if chapter == "06_cocktail_hiera":
+        assert "pediatric" in glued["cocktail_sources"]
