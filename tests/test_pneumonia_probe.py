@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from cxr_lib.analysis.stats import seed_interval
+from cxr_lib.book.profiles import repo_root
 from cxr_lib.chapters import finetuning_ablations as ch4
 from cxr_lib.chapters.files import PNEUMONIA_SWEEPS, chapter4_table_paths, runs_dir
 from cxr_lib.chapters.mae_pretraining import carried_words
@@ -268,8 +270,23 @@ def test_pneumonia_starts_differ_only_in_the_start_and_the_random_vit_s_decay(tm
                                                                                 None)
     assert (moco.init, moco.weights) == ("moco", str(moco_file))
     assert dataclasses.replace(moco, init="random", weights=None) == random_cnn
-    assert ch4.finetune_setup_words(10, 3) == {"pneumonia_epochs": "10",
-                                               "pneumonia_seeds": "3 seeds"}
+    words = ch4.finetune_setup_words(10, 3, [0.1, 1.0], [0.1, 1.0])
+    assert words == {"pneumonia_epochs": "10", "pneumonia_seeds": "3 seeds",
+                     "pneumonia_shares_sentence": "The runs train on 10% and 100% of the "
+                     "pneumonia training labels, the shares the frozen probes used."}
+
+
+def test_a_share_the_probes_used_and_fine_tuning_skips_is_named_with_why():
+    said = ch4.finetune_setup_words(6, 1, [0.1], [0.1, 1.0])["pneumonia_shares_sentence"]
+    assert said.startswith("The runs train on 10% of the pneumonia training labels. The frozen "
+                           "probes above also used 100%, where this edition does not fine-tune")
+    assert ch4.finetune_setup_words(6, 1, [], [0.1])["pneumonia_shares_sentence"] == (
+        "This edition fine-tunes on no share of the pneumonia labels.")
+    # the sentence sends the reader to these profiles for the shares it leaves out
+    for name in ("gpu-sample", "paper"):
+        chapter = yaml.safe_load((repo_root() / "profiles" / f"{name}.yaml").read_text())[
+            "chapters"]["04_finetuning_ablations"]
+        assert set(chapter["probe_shares"]) <= set(chapter["pneumonia_shares"]), name
 
 
 def test_without_a_pediatric_root_nothing_is_fine_tuned(tmp_path):

@@ -35,7 +35,7 @@ from cxr_lib.chapters.files import (
     test_scores,
 )
 from cxr_lib.chapters.paired import Compared, paired_sentence, paired_verdicts, seeds_figure
-from cxr_lib.chapters.sentences import check_sentence, sweep_sentence
+from cxr_lib.chapters.sentences import check_sentence, names, sweep_sentence
 from cxr_lib.chapters.setup import images_origin
 from cxr_lib.data.cache import Cache
 from cxr_lib.data.splits import label_subset
@@ -677,9 +677,24 @@ def pneumonia_starts(vit: FinetuneRecipe, cnn: FinetuneRecipe, mae_file: str | P
             "MoCo": dataclasses.replace(cnn, init="moco", weights=str(moco_file))}
 
 
-def finetune_setup_words(epochs: int, n_seeds: int) -> dict[str, str]:
-    """The pneumonia fine-tuning's schedule and seeds, as the prose quotes them."""
-    return {"pneumonia_epochs": f"{epochs}", "pneumonia_seeds": seeds_words(n_seeds)}
+def finetune_setup_words(epochs: int, n_seeds: int, shares: Sequence[float],
+                         probe_shares: Sequence[float]) -> dict[str, str]:
+    """The pneumonia fine-tuning's schedule, seeds and label shares, as the prose quotes them;
+    a share the frozen probes used and the fine-tuning does not is named, and why."""
+    def percents(values: Sequence[float]) -> str:
+        return names([f"{v:.0%}" for v in values])
+
+    left_out = [share for share in probe_shares if share not in shares]
+    if not shares:
+        said = "This edition fine-tunes on no share of the pneumonia labels."
+    else:
+        said = f"The runs train on {percents(shares)} of the pneumonia training labels" + (
+            f". The frozen probes above also used {percents(left_out)}, where this edition does "
+            "not fine-tune: each share costs as many runs again, and its time goes to seeds "
+            "instead (the `gpu-sample` and `paper` profiles fine-tune at every share the "
+            "probes use)." if left_out else ", the shares the frozen probes used.")
+    return {"pneumonia_epochs": f"{epochs}", "pneumonia_seeds": seeds_words(n_seeds),
+            "pneumonia_shares_sentence": said}
 
 
 def run_pneumonia_finetunes(starts: Mapping[str, FinetuneRecipe], cache: Cache | None,
