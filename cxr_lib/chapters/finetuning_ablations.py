@@ -687,12 +687,15 @@ def finetune_setup_words(epochs: int, n_seeds: int, shares: Sequence[float],
     left_out = [share for share in probe_shares if share not in shares]
     if not shares:
         said = "This edition fine-tunes on no share of the pneumonia labels."
+    elif left_out:
+        said = (f"The runs train on {percents(shares)} of the pneumonia training labels. The "
+                f"frozen probes above also used {percents(left_out)}, where this edition does "
+                "not fine-tune: each share costs as many runs again, and its time goes to seeds "
+                "instead (the `gpu-sample` and `paper` profiles fine-tune at every share the "
+                "probes use).")
     else:
-        said = f"The runs train on {percents(shares)} of the pneumonia training labels" + (
-            f". The frozen probes above also used {percents(left_out)}, where this edition does "
-            "not fine-tune: each share costs as many runs again, and its time goes to seeds "
-            "instead (the `gpu-sample` and `paper` profiles fine-tune at every share the "
-            "probes use)." if left_out else ", the shares the frozen probes used.")
+        said = (f"The runs train on {percents(shares)} of the pneumonia training labels, the "
+                "shares the frozen probes used.")
     return {"pneumonia_epochs": f"{epochs}", "pneumonia_seeds": seeds_words(n_seeds),
             "pneumonia_shares_sentence": said}
 
