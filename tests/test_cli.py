@@ -134,12 +134,16 @@ def _mae_recipe(*options: str):
 
 def test_mae_mask_ratio_and_crop_scale_follow_flag_then_profile_then_paper(tmp_path):
     from cxr_lib.augment.crops import PAPER_MAE_CROP_SCALE
+    from cxr_lib.book.profiles import load_profile
     from cxr_lib.models.mae import PAPER_MASK_RATIO
 
+    section = load_profile("cpu").chapters["02_mae_pretraining"]
     recipe, config = _mae_recipe()  # cpu.yaml sets neither
     assert (recipe.mask_ratio, recipe.crop_scale) == (PAPER_MASK_RATIO, PAPER_MAE_CROP_SCALE)
     assert (PAPER_MASK_RATIO, PAPER_MAE_CROP_SCALE) == (0.9, (0.5, 1.0))
-    assert (recipe.model, recipe.patch_size, config.epochs) == ("vit_tiny_patch16", 8, 6)
+    assert (recipe.model, recipe.patch_size, config.epochs) == (
+        section["model"], section["patch_size"], section["epochs"])
+    assert (section["model"], section["patch_size"]) == ("vit_tiny_patch16", 8)
     profile = _profile_with(tmp_path, "02_mae_pretraining", mask_ratio=0.75,
                             crop_scale=[0.2, 1.0], epochs=2)
     recipe, config = _mae_recipe("--profile", profile)
