@@ -1,8 +1,11 @@
 """The real samples: those shipped in `cxr_lib/data/samples`, or the copy `CXR_SAMPLE_DATA`
 names. A test that reads a sample is skipped, with this message, where the sample is absent."""
 
+from pathlib import Path
+
 import pytest
 
+from cxr_lib.data import open_source
 from cxr_lib.data.samples import sample_path, samples_root
 
 SAMPLE_DATA = samples_root()
@@ -15,3 +18,21 @@ def sample(name: str):
     if not root.is_dir():
         pytest.skip(f"real sample {root} absent (CXR_SAMPLE_DATA names another samples folder)")
     return root
+
+
+def patient_share(name: str, folder: Path, every: int) -> Path:
+    """Sample `name` cut to every `every`-th of its patients (sorted by id), built in `folder`
+    from links: its files at the top (label files, split lists) whole, and the kept patients'
+    images at their place, so that the same readers and data branches run on fewer images."""
+    root = sample(name).resolve()
+    source = "chestxray14" if name.startswith("nih-") else "folder"
+    meta = open_source(source, root).meta
+    kept = meta["patient"].isin(sorted(meta["patient"].unique())[::every])
+    for image in map(Path, meta.loc[kept, "path"]):
+        link = folder / image.resolve().relative_to(root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(image.resolve())
+    for entry in root.iterdir():
+        if entry.is_file():
+            (folder / entry.name).symlink_to(entry)
+    return folder

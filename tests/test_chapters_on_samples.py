@@ -1,20 +1,25 @@
-"""Every chapter executes under the `smoke` profile on the real NIH and pediatric samples (the
-data branches the published and `gpu-sample` editions take; skipped where the samples are
-absent), in a copy of the project as in tests/test_chapters.py."""
+"""Every chapter executes under the `smoke` profile on real NIH and pediatric X-rays (the data
+branches the published and `gpu-sample` editions take; skipped where the samples are absent),
+in a copy of the project as in tests/test_chapters.py. The study reads a quarter of each shipped
+sample's patients: the same readers and chapters on 359 images instead of 1,427, because the
+whole samples took this study 13 minutes on a 2-core machine (the cpu edition, which
+`make book` runs, reads them whole)."""
 
 import json
 from pathlib import Path
 
 import pytest
-from samples import sample
+from samples import patient_share
 from test_chapters import CHAPTERS, assert_reads_cleanly, execute_study, glued_text
 
 
 @pytest.fixture(scope="module")
 def executed_on_samples(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("samples")
     return execute_study(tmp_path_factory.mktemp("study-samples"),
-                         data_root=sample("nih-cxr14-sample"),
-                         pediatric_root=sample("pediatric-pneumonia-sample"))
+                         data_root=patient_share("nih-cxr14-sample", data / "nih", every=4),
+                         pediatric_root=patient_share("pediatric-pneumonia-sample",
+                                                      data / "pediatric", every=4))
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

@@ -44,7 +44,7 @@ def _final_weights(root) -> dict:
 
 
 def test_kill_9_then_the_same_command_resumes_to_the_same_weights(phantoms, tmp_path):
-    command = [*MAE, "--data", str(phantoms), "--epochs", "20", "--checkpoint-every", "10"]
+    command = [*MAE, "--data", str(phantoms), "--epochs", "10", "--checkpoint-every", "5"]
     killed = tmp_path / "killed"
     proc = _cxr(*command, "--runs", str(killed))
     deadline = time.monotonic() + 240
@@ -57,12 +57,12 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_weights(phantoms, tmp_
     (run,) = killed.glob("mae-*")
     assert not runs.is_finished(run)  # killed mid-run, after its first checkpoint
     step = torch.load(run / runs.CHECKPOINT, weights_only=True)["state"]["step"]
-    assert 0 < step < 120
+    assert 0 < step < 60
 
     rerun = _cxr(*command, "--runs", str(killed))
     output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, output[-3000:]
-    assert f"trained {run}" in output and "Epoch 20/20" in output  # with its progress bars
+    assert f"trained {run}" in output and "Epoch 10/10" in output  # with its progress bars
     assert "Traceback" not in output
 
     main([*command, "--runs", str(tmp_path / "whole")])  # uninterrupted, one thread too
