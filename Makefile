@@ -21,10 +21,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # pip older than 21.3 (bundled with early Python 3.10) cannot install a pyproject.toml project
-# in editable mode, hence the upgrade.
+# in editable mode, hence the upgrade. pip byte-compiles what it installs on one core; compileall
+# does it on every core (on 2 cores the set-up took 2 min 29 s instead of 3 min 18 s). Without
+# .pyc files every import compiles anew where PYTHONDONTWRITEBYTECODE is set (2.5 times slower).
+# The few files written for a newer Python do not compile, and are skipped as pip skips them.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --no-compile -e '.[dev]'
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	@touch $(STAMP)
 
 book: $(STAMP)
