@@ -5,8 +5,10 @@ them as the full data sets."""
 import fnmatch
 
 import pytest
+from samples import patient_share
 
 from cxr_lib.book.profiles import repo_root
+from cxr_lib.data import open_source
 from cxr_lib.data.folder import read_class_folders
 from cxr_lib.data.nih import read_chestxray14
 from cxr_lib.data.samples import SHIPPED, sample_path, samples_root
@@ -38,3 +40,16 @@ def test_the_samples_load_as_their_official_releases(monkeypatch):
 def test_another_samples_folder_can_be_named(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_SAMPLE_DATA", str(tmp_path))
     assert sample_path("nih-cxr14-sample") == tmp_path / "nih-cxr14-sample"
+
+
+@pytest.mark.parametrize("name, source", [("nih-cxr14-sample", "chestxray14"),
+                                          ("pediatric-pneumonia-sample", "folder")])
+def test_a_patient_share_keeps_whole_patients_and_the_official_files(tmp_path, name, source):
+    whole = open_source(source, sample_path(name)).meta
+    part = open_source(source, patient_share(name, tmp_path / name, every=4)).meta
+    patients = sorted(whole["patient"].unique())
+    assert sorted(part["patient"].unique()) == patients[::4]
+    kept = whole[whole["patient"].isin(patients[::4])]
+    assert len(part) == len(kept) and (part["split"] != "test").any()
+    top = {p.name for p in sample_path(name).iterdir() if p.is_file()}
+    assert {p.name for p in (tmp_path / name).iterdir() if p.is_file()} == top
