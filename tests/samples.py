@@ -20,18 +20,18 @@ def sample(name: str):
     return root
 
 
-def patient_share(name: str, folder: Path, every: int) -> Path:
-    """Sample `name` cut to every `every`-th of its patients (sorted by id), built in `folder`
-    from links: its files at the top (label files, split lists) whole, and the kept patients'
-    images at their place, so that the same readers and data branches run on fewer images."""
+def patient_share(name: str, source: str, folder: Path, every: int) -> Path:
+    """Sample `name` (read as `source`) cut to every `every`-th of its patients (sorted by id),
+    built in `folder` from links: its files at the top (label files, split lists) whole, and the
+    kept patients' images at their place, so that the same readers and data branches run on
+    fewer images."""
     root = sample(name).resolve()
-    source = "chestxray14" if name.startswith("nih-") else "folder"
     meta = open_source(source, root).meta
     kept = meta["patient"].isin(sorted(meta["patient"].unique())[::every])
-    for image in map(Path, meta.loc[kept, "path"]):
-        link = folder / image.resolve().relative_to(root)
+    for image in (Path(p).resolve() for p in meta.loc[kept, "path"]):
+        link = folder / image.relative_to(root)
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(image.resolve())
+        link.symlink_to(image)
     for entry in root.iterdir():
         if entry.is_file():
             (folder / entry.name).symlink_to(entry)

@@ -17,8 +17,9 @@ from test_chapters import CHAPTERS, assert_reads_cleanly, execute_study, glued_t
 def executed_on_samples(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("samples")
     return execute_study(tmp_path_factory.mktemp("study-samples"),
-                         data_root=patient_share("nih-cxr14-sample", data / "nih", every=4),
-                         pediatric_root=patient_share("pediatric-pneumonia-sample",
+                         data_root=patient_share("nih-cxr14-sample", "chestxray14",
+                                                 data / "nih", every=4),
+                         pediatric_root=patient_share("pediatric-pneumonia-sample", "folder",
                                                       data / "pediatric", every=4))
 
 

@@ -46,7 +46,7 @@ def test_another_samples_folder_can_be_named(tmp_path, monkeypatch):
                                           ("pediatric-pneumonia-sample", "folder")])
 def test_a_patient_share_keeps_whole_patients_and_the_official_files(tmp_path, name, source):
     whole = open_source(source, sample_path(name)).meta
-    part = open_source(source, patient_share(name, tmp_path / name, every=4)).meta
+    part = open_source(source, patient_share(name, source, tmp_path / name, every=4)).meta
     patients = sorted(whole["patient"].unique())
     assert sorted(part["patient"].unique()) == patients[::4]
     kept = whole[whole["patient"].isin(patients[::4])]
